@@ -1,0 +1,211 @@
+"""Safetensors I/O: lazy parameter-by-parameter reading, streaming writing, atomic replacement of outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping, MutableMapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from modelmerge.statedict import MergeInputError, StateDict
+
+# safetensors dtype codes (https://github.com/huggingface/safetensors, format description)
+_TORCH_TO_ST = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_TO_TORCH = {v: k for k, v in _TORCH_TO_ST.items()}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is fsynced and renamed onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (readers see the old file or the new one, never half)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+class LazySafetensors(Mapping):
+    """A read-only state dict backed by a safetensors file; each tensor is read when it is indexed."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no safetensors file at {self.path}")
+        self._file = safe_open(str(self.path), framework="pt", device=device)
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._keys:
+            raise KeyError(name)
+        return self._file.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._keys
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) of a tensor without reading its data."""
+        sl = self._file.get_slice(name)
+        return _ST_TO_TORCH[sl.get_dtype()], tuple(sl.get_shape())
+
+    def metadata(self) -> dict[str, str]:
+        """The file's ``__metadata__`` (string -> string)."""
+        return dict(self._file.metadata() or {})
+
+
+def tensor_info(state: StateDict, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """(dtype, shape) of ``state[name]``, without reading data when ``state`` is lazy."""
+    if isinstance(state, LazySafetensors):
+        return state.info(name)
+    t = state[name]
+    return t.dtype, tuple(t.shape)
+
+
+class SafetensorsWriter(MutableMapping):
+    """Streams tensors into a safetensors file whose layout (names, dtypes, shapes) is fixed up front.
+
+    ``writer[name] = tensor`` writes the bytes at once, in any order, so a merge never holds the whole
+    output. ``close()`` checks that every tensor was written and atomically renames the file into place; on
+    an exception inside ``with`` nothing is left behind.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None = None,
+    ):
+        self.path = Path(path)
+        self._layout = {k: (dt, tuple(int(s) for s in shape)) for k, (dt, shape) in layout.items()}
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        self._offsets: dict[str, int] = {}
+        for name in sorted(self._layout):  # safetensors orders by name; keeps files byte-identical
+            dtype, shape = self._layout[name]
+            if dtype not in _TORCH_TO_ST:
+                raise MergeInputError(name, f"dtype {dtype} cannot be stored in safetensors here")
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._offsets[name] = offset
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._data_start = 8 + len(raw)
+        self._ctx = atomic_path(self.path)
+        self._tmp = self._ctx.__enter__()
+        self._fh = open(self._tmp, "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._fh.truncate(self._data_start + offset)
+        self._written: set[str] = set()
+
+    @classmethod
+    def like(cls, state: StateDict, path: str | os.PathLike, metadata: Mapping[str, str] | None = None):
+        """A writer for a file with the same names, dtypes and shapes as ``state``."""
+        return cls(path, {k: tensor_info(state, k) for k in state.keys()}, metadata)
+
+    def __setitem__(self, name: str, tensor: Tensor) -> None:
+        if name not in self._layout:
+            raise MergeInputError(name, f"not in the layout of {self.path.name}")
+        dtype, shape = self._layout[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise MergeInputError(
+                name, f"expected {dtype} {shape} for {self.path.name}, got {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        self._fh.seek(self._data_start + self._offsets[name])
+        self._fh.write(data)
+        self._written.add(name)
+
+    def __getitem__(self, name: str) -> Tensor:
+        raise KeyError(f"{name}: SafetensorsWriter is write-only; open the file with LazySafetensors")
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("SafetensorsWriter cannot delete tensors")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._written))
+
+    def __len__(self) -> int:
+        return len(self._written)
+
+    def close(self) -> None:
+        """Finish the file: every tensor must have been written; then rename it into place."""
+        missing = sorted(set(self._layout) - self._written)
+        if missing:
+            self.abort()
+            raise MergeInputError(missing[0], f"never written to {self.path.name} ({len(missing)} missing)")
+        self._fh.close()
+        self._ctx.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Discard the partial file."""
+        if not self._fh.closed:
+            self._fh.close()
+        self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def save_state_dict(state: StateDict, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a state dict to ``path`` as safetensors, atomically."""
+    with SafetensorsWriter.like(state, path, metadata) as writer:
+        for name in state.keys():
+            writer[name] = state[name]
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a whole safetensors file into memory (never unpickles)."""
+    lazy = LazySafetensors(path)
+    return {k: lazy[k] for k in lazy}

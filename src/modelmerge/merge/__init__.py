@@ -1,0 +1,18 @@
+"""Merge rules over state dicts; each accepts in-memory dicts or lazily loaded safetensors files."""
+
+from modelmerge.merge.average import average, weighted_average
+from modelmerge.merge.core import merge_parameters
+from modelmerge.merge.fisher import fisher_average
+from modelmerge.merge.gradient_matching import gradient_matching, task_removal
+from modelmerge.merge.task_arithmetic import task_arithmetic, task_negation
+
+__all__ = [
+    "average",
+    "fisher_average",
+    "gradient_matching",
+    "merge_parameters",
+    "task_arithmetic",
+    "task_negation",
+    "task_removal",
+    "weighted_average",
+]
