@@ -96,8 +96,9 @@ def fit(
         H = H0 + sum(a * hessian(t, theta) for a, t in zip(alphas, tasks))
         step = torch.linalg.solve(H, g)
         f = objective(tasks, alphas, H0, theta0, theta)
+        slack = 1e-12 * abs(float(f))  # near the optimum decreases fall below round-off: do not reject them
         eta = 1.0
-        while eta > 1e-8 and objective(tasks, alphas, H0, theta0, theta - eta * step) > f - 1e-4 * eta * (g @ step):
+        while eta > 1e-8 and objective(tasks, alphas, H0, theta0, theta - eta * step) > f - 1e-4 * eta * (g @ step) + slack:
             eta /= 2
         theta = theta - eta * step
     if float(grad(theta).norm()) > 1e-9 * max(g0, 1.0):

@@ -1,0 +1,21 @@
+# Entry point. `snakemake --cores 2` regenerates every tracked figure and table under figures/ with the
+# default (offline, CPU) configuration; `--configfile workflow/config/paper.yaml` runs the seeds' scale.
+from snakemake.utils import min_version, validate
+
+min_version("8.20")
+
+
+configfile: "workflow/config/default.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/linear.smk"
+
+
+rule all:
+    input:
+        linear_outputs(),
+    default_target: True
