@@ -1,0 +1,76 @@
+"""The workflow: every configuration dry-runs, bad configurations are refused, and the smoke DAG runs end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "workflow" / "config").glob("*.yaml"))
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--nolock", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Rule -> count from Snakemake's 'Job stats' table."""
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_configuration_dry_runs_the_whole_dag(config):
+    proc = snakemake("-n", "--forceall", "--configfile", str(config))
+    jobs = planned_jobs(proc.stdout + proc.stderr)
+    assert jobs == {"all": 1, "linear_mismatch": 1, "linear_theorem1": 1}
+
+
+def test_schema_refuses_a_bad_configuration(tmp_path):
+    text = (ROOT / "workflow/config/smoke.yaml").read_text().replace("delta: 0.5", "delta: -0.5", 1)
+    (tmp_path / "bad.yaml").write_text(text)
+    proc = snakemake("-n", "--configfile", str(tmp_path / "bad.yaml"), check=False)
+    assert proc.returncode != 0
+    assert "delta" in proc.stdout + proc.stderr and "validat" in (proc.stdout + proc.stderr).lower()
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path):
+    overrides = ["--configfile", "workflow/config/smoke.yaml", "--config", f"results_dir={tmp_path}/results", f"figures_dir={tmp_path}/figures"]
+    snakemake(*overrides)
+    figures = tmp_path / "figures" / "linear"
+    names = {f"{stem}.{ext}" for stem in ("theorem1", "gradient_mismatch") for ext in ("png", "svg", "md", "csv")}
+    assert {p.name for p in figures.iterdir()} == names
+    assert (tmp_path / "results" / "logs" / "linear" / "theorem1.ipynb").is_file()  # executed notebook = log
+
+    # Theorem 1: Eq. 13 and Cook's formula are exact, task arithmetic is not
+    t1 = pd.read_csv(figures / "theorem1.csv")
+    assert (t1["gradient matching (max rel. error)"] < 1e-8).all()
+    assert (t1["Cook's formula (max rel. error)"] < 1e-8).all()
+    assert (t1["task arithmetic (max rel. error)"] > 1e-2).all()
+    # Eq. 12 removes the mismatch for quadratic losses only; task arithmetic keeps it
+    gm = pd.read_csv(figures / "gradient_mismatch.csv").set_index(["loss", "method"])
+    dist = "rel. distance to target (median)"
+    assert gm.loc[("quadratic", "gradient matching"), dist] < 1e-8
+    assert gm.loc[("quadratic", "task arithmetic"), dist] > 1e-2
+    assert 1e-8 < gm.loc[("logistic", "gradient matching"), dist] < gm.loc[("logistic", "task arithmetic"), dist]
+
+    # a second run has nothing to do; a forced rerun gives identical bytes
+    before = digest(figures)
+    assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(snakemake(*overrides))
+    snakemake(*overrides, "--forceall")
+    assert digest(figures) == before
