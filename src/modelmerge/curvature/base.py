@@ -1,8 +1,10 @@
-"""Curvature of one parameter tensor: scalar (c I), diagonal, or dense over the flattened tensor.
+"""Curvature of one parameter tensor H, as an operator on tensors shaped like the parameter.
 
-Every form supports ``mv`` (H x), ``solve`` (H^-1 b), scaling by a number and addition. Sums of forms are
-promoted to the more general one (scalar < diagonal < dense). Structured forms that cannot be inverted in
-closed form (RegMean Gram, K-FAC) plug into the same interface and are solved iteratively.
+Forms: ``Scalar`` (c I), ``Diagonal``, ``Dense`` (explicit matrix over the flattened tensor), ``Gram``
+(RegMean: I (x) G for a linear layer's weight, i.e. W -> W G) and ``KFAC`` (B (x) A, i.e. W -> B W A for an
+``nn.Linear`` weight of shape out x in). Every form has ``mv`` (H x), ``solve`` (H^-1 b), scaling and addition.
+Sums with a closed form stay in that form (scalar + diagonal = diagonal, Gram + Gram = Gram, ...); any other
+sum (e.g. two K-FACs) is a ``SumCurvature`` whose ``solve`` runs conjugate gradients on products only.
 """
 
 from __future__ import annotations
@@ -12,21 +14,25 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from modelmerge.solve import ConjugateGradient
 from modelmerge.statedict import MergeInputError
+
+#: solver used when a sum has no closed form and the caller did not pass one
+DEFAULT_SOLVER = ConjugateGradient(max_iter=100, tol=1e-10)
 
 
 class Curvature(ABC):
     """A symmetric positive semi-definite operator acting on tensors shaped like one parameter."""
 
-    rank: int  # promotion order for sums: 0 scalar, 1 diagonal, 2 dense
-
     @abstractmethod
     def mv(self, x: Tensor) -> Tensor:
         """H x for x shaped like the parameter."""
 
-    @abstractmethod
-    def solve(self, b: Tensor, name: str = "?") -> Tensor:
-        """H^-1 b (Moore-Penrose on exact zeros of a scalar/diagonal H, where b must vanish too)."""
+    def solve(
+        self, b: Tensor, name: str = "?", x0: Tensor | None = None, solver: ConjugateGradient | None = None
+    ) -> Tensor:
+        """H^-1 b. Closed forms ignore ``x0``/``solver``; forms without one run conjugate gradients."""
+        return (solver or DEFAULT_SOLVER)(self.mv, b, x0, name)
 
     @abstractmethod
     def scale(self, c: float) -> Curvature:
@@ -38,7 +44,11 @@ class Curvature(ABC):
 
     @abstractmethod
     def to_dense(self, param: Tensor) -> Tensor:
-        """The explicit numel x numel matrix (for tests and small problems)."""
+        """The explicit numel x numel matrix acting on the row-major flattened parameter (tests, small sizes)."""
+
+    def _add(self, other: Curvature) -> Curvature | None:
+        """self + other in closed form, or None when there is none."""
+        return None
 
     def __mul__(self, c: float) -> Curvature:
         return self.scale(float(c))
@@ -48,18 +58,18 @@ class Curvature(ABC):
     def __add__(self, other: Curvature) -> Curvature:
         if not isinstance(other, Curvature):
             return NotImplemented
-        hi, lo = (self, other) if self.rank >= other.rank else (other, self)
-        return hi._add_lower(lo)
-
-    @abstractmethod
-    def _add_lower(self, other: Curvature) -> Curvature:
-        """self + other where other.rank <= self.rank."""
+        total = self._add(other)
+        if total is None:
+            total = other._add(self)
+        if total is None:
+            left = self.terms if isinstance(self, SumCurvature) else [self]
+            right = other.terms if isinstance(other, SumCurvature) else [other]
+            total = SumCurvature(left + right)
+        return total
 
 
 class Scalar(Curvature):
     """H = c I (c = 0 gives the zero matrix, c = N gives N I)."""
-
-    rank = 0
 
     def __init__(self, c: float = 1.0):
         self.c = float(c)
@@ -70,7 +80,7 @@ class Scalar(Curvature):
     def mv(self, x: Tensor) -> Tensor:
         return self.c * x
 
-    def solve(self, b: Tensor, name: str = "?") -> Tensor:
+    def solve(self, b, name="?", x0=None, solver=None) -> Tensor:
         if self.c > 0:
             return b / self.c
         if self.c == 0 and not bool(b.any()):
@@ -85,12 +95,10 @@ class Scalar(Curvature):
             raise MergeInputError(name, f"curvature {self.c:g} I must be finite and non-negative")
 
     def to_dense(self, param: Tensor) -> Tensor:
-        n = param.numel()
-        return self.c * torch.eye(n, dtype=param.dtype, device=param.device)
+        return self.c * torch.eye(param.numel(), dtype=param.dtype, device=param.device)
 
-    def _add_lower(self, other: Curvature) -> Curvature:
-        assert isinstance(other, Scalar)
-        return Scalar(self.c + other.c)
+    def _add(self, other: Curvature) -> Curvature | None:
+        return Scalar(self.c + other.c) if isinstance(other, Scalar) else None
 
 
 def Identity() -> Scalar:  # noqa: N802 - reads like the matrix it builds
@@ -98,10 +106,15 @@ def Identity() -> Scalar:  # noqa: N802 - reads like the matrix it builds
     return Scalar(1.0)
 
 
+def _check_finite(name: str, t: Tensor, what: str) -> None:
+    if not isinstance(t, Tensor):
+        raise MergeInputError(name, f"{what} is a {type(t).__name__}, expected a tensor")
+    if not bool(torch.isfinite(t).all()):
+        raise MergeInputError(name, f"{what} has non-finite values (NaN or inf)")
+
+
 class Diagonal(Curvature):
     """H = diag(d), d shaped like the parameter (e.g. a diagonal Fisher)."""
-
-    rank = 1
 
     def __init__(self, d: Tensor):
         self.d = d
@@ -115,13 +128,13 @@ class Diagonal(Curvature):
     def mv(self, x: Tensor) -> Tensor:
         return self._d(x) * x
 
-    def solve(self, b: Tensor, name: str = "?") -> Tensor:
+    def solve(self, b, name="?", x0=None, solver=None) -> Tensor:
         d = self._d(b)
         positive = d > 0
-        if bool((~positive & (b != 0)).any()):
-            n_bad = int((~positive & (b != 0)).sum())
+        bad = ~positive & (b != 0)
+        if bool(bad.any()):
             raise MergeInputError(
-                name, f"diagonal curvature is <= 0 at {n_bad} entries where the right-hand side is non-zero"
+                name, f"diagonal curvature is <= 0 at {int(bad.sum())} entries where the right-hand side is non-zero"
             )
         return torch.where(positive, b / torch.where(positive, d, torch.ones_like(d)), torch.zeros_like(b))
 
@@ -129,14 +142,11 @@ class Diagonal(Curvature):
         return Diagonal(self.d * c)
 
     def check(self, name: str, param: Tensor) -> None:
-        if not isinstance(self.d, Tensor):
-            raise MergeInputError(name, f"diagonal curvature is a {type(self.d).__name__}, expected a tensor")
+        _check_finite(name, self.d, "diagonal curvature")
         if tuple(self.d.shape) != tuple(param.shape):
             raise MergeInputError(
                 name, f"shape mismatch: curvature has {tuple(self.d.shape)}, parameter has {tuple(param.shape)}"
             )
-        if not bool(torch.isfinite(self.d).all()):
-            raise MergeInputError(name, "curvature has non-finite values (NaN or inf)")
         if bool((self.d < 0).any()):
             n_neg = int((self.d < 0).sum())
             raise MergeInputError(name, f"curvature has {n_neg} negative entries (min {float(self.d.min()):.3g})")
@@ -144,17 +154,16 @@ class Diagonal(Curvature):
     def to_dense(self, param: Tensor) -> Tensor:
         return torch.diag(self._d(param).reshape(-1))
 
-    def _add_lower(self, other: Curvature) -> Curvature:
+    def _add(self, other: Curvature) -> Curvature | None:
         if isinstance(other, Scalar):
             return Diagonal(self.d + other.c)
-        assert isinstance(other, Diagonal)
-        return Diagonal(self.d + other.d.to(self.d.dtype))
+        if isinstance(other, Diagonal):
+            return Diagonal(self.d + other.d.to(self.d.dtype))
+        return None
 
 
 class Dense(Curvature):
-    """H = M, an explicit symmetric numel x numel matrix over the flattened parameter."""
-
-    rank = 2
+    """H = M, an explicit symmetric numel x numel matrix over the row-major flattened parameter."""
 
     def __init__(self, m: Tensor):
         self.m = m
@@ -168,11 +177,8 @@ class Dense(Curvature):
     def mv(self, x: Tensor) -> Tensor:
         return (self._m(x) @ x.reshape(-1)).reshape(x.shape)
 
-    def solve(self, b: Tensor, name: str = "?") -> Tensor:
-        m = self._m(b)
-        chol, info = torch.linalg.cholesky_ex(m)
-        if int(info) != 0:
-            raise MergeInputError(name, "dense curvature is not positive definite, cannot solve H x = b")
+    def solve(self, b, name="?", x0=None, solver=None) -> Tensor:
+        chol = _cholesky(self._m(b), name, "dense curvature", jitter=False)
         return torch.cholesky_solve(b.reshape(-1, 1), chol).reshape(b.shape)
 
     def scale(self, c: float) -> Dense:
@@ -182,30 +188,179 @@ class Dense(Curvature):
         n = param.numel()
         if tuple(self.m.shape) != (n, n):
             raise MergeInputError(name, f"shape mismatch: dense curvature is {tuple(self.m.shape)}, need ({n}, {n})")
-        if not bool(torch.isfinite(self.m).all()):
-            raise MergeInputError(name, "curvature has non-finite values (NaN or inf)")
-        m = self.m.to(torch.float64)
-        scale = float(m.abs().max()) if n else 0.0
-        if not torch.allclose(m, m.T, atol=1e-10 * max(scale, 1.0), rtol=0):
-            raise MergeInputError(name, "dense curvature is not symmetric")
-        if n and float(torch.linalg.eigvalsh(m).min()) < -1e-10 * max(scale, 1.0):
-            raise MergeInputError(name, "dense curvature has a negative eigenvalue")
+        _check_psd(name, self.m, "dense curvature", full=True)
 
     def to_dense(self, param: Tensor) -> Tensor:
         return self._m(param)
 
-    def _add_lower(self, other: Curvature) -> Curvature:
+    def _add(self, other: Curvature) -> Curvature | None:
         n = self.m.shape[0]
         if isinstance(other, Scalar):
             return Dense(self.m + other.c * torch.eye(n, dtype=self.m.dtype, device=self.m.device))
         if isinstance(other, Diagonal):
             return Dense(self.m + torch.diag(other.d.reshape(-1).to(self.m.dtype)))
-        assert isinstance(other, Dense)
-        return Dense(self.m + other.m.to(self.m.dtype))
+        if isinstance(other, Dense):
+            return Dense(self.m + other.m.to(self.m.dtype))
+        return None
+
+
+def _check_psd(name: str, m: Tensor, what: str, full: bool) -> None:
+    """Symmetric, finite, and (``full``) no negative eigenvalue or (cheap) no negative diagonal entry."""
+    _check_finite(name, m, what)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise MergeInputError(name, f"{what} must be a square matrix, got {tuple(m.shape)}")
+    m64 = m.to(torch.float64)
+    scale = max(float(m64.abs().max()) if m.numel() else 0.0, 1e-300)
+    if not torch.allclose(m64, m64.T, atol=1e-6 * scale, rtol=0):
+        raise MergeInputError(name, f"{what} is not symmetric")
+    if bool((m64.diagonal() < 0).any()):
+        raise MergeInputError(name, f"{what} has a negative diagonal entry")
+    if full and m.numel() and float(torch.linalg.eigvalsh(m64).min()) < -1e-10 * scale:
+        raise MergeInputError(name, f"{what} has a negative eigenvalue")
+
+
+def _cholesky(m: Tensor, name: str, what: str, jitter: bool = True) -> Tensor:
+    """Lower Cholesky factor; with ``jitter``, add 1e-10, 1e-9, ... times the mean diagonal until it exists."""
+    chol, info = torch.linalg.cholesky_ex(m)
+    if int(info) == 0:
+        return chol
+    if jitter:
+        eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+        base = float(m.diagonal().mean().abs()) or 1.0
+        for k in range(-10, 0):
+            chol, info = torch.linalg.cholesky_ex(m + (base * 10.0**k) * eye)
+            if int(info) == 0:
+                return chol
+    raise MergeInputError(name, f"{what} is not positive definite, cannot solve H x = b (add damping delta)")
+
+
+def _weight_axes(param_shape: tuple[int, ...], in_axis: int) -> tuple[int, int]:
+    if len(param_shape) != 2 or in_axis not in (0, 1):
+        raise ValueError("Gram and K-FAC curvature act on 2-D weights with the input on axis 0 or 1")
+    return param_shape[in_axis], param_shape[1 - in_axis]
+
+
+class Gram(Curvature):
+    """RegMean's curvature of a linear layer: H = I_out (x) G with G the input Gram matrix (002 Eq. 5).
+
+    ``in_axis`` says which axis of the weight meets the input: 1 for ``nn.Linear`` (out x in; H W = W G),
+    0 for GPT-2's ``Conv1D`` (in x out; H W = G W).
+    """
+
+    def __init__(self, G: Tensor, in_axis: int = 1):
+        self.G, self.in_axis = G, in_axis
+
+    def __repr__(self) -> str:
+        return f"Gram({tuple(self.G.shape)}, in_axis={self.in_axis})"
+
+    def mv(self, x: Tensor) -> Tensor:
+        G = self.G.to(dtype=x.dtype, device=x.device)
+        return x @ G if self.in_axis == 1 else G @ x
+
+    def solve(self, b, name="?", x0=None, solver=None) -> Tensor:
+        chol = _cholesky(self.G.to(dtype=b.dtype, device=b.device), name, "Gram matrix")
+        if self.in_axis == 1:  # W G = R  <=>  G W^T = R^T
+            return torch.cholesky_solve(b.T, chol).T
+        return torch.cholesky_solve(b, chol)
+
+    def scale(self, c: float) -> Gram:
+        return Gram(self.G * c, self.in_axis)
+
+    def check(self, name: str, param: Tensor) -> None:
+        d_in, _ = _weight_axes(tuple(param.shape), self.in_axis)
+        if tuple(self.G.shape) != (d_in, d_in):
+            raise MergeInputError(name, f"shape mismatch: Gram is {tuple(self.G.shape)}, weight input size is {d_in}")
+        _check_psd(name, self.G, "Gram matrix", full=False)
+
+    def to_dense(self, param: Tensor) -> Tensor:
+        _, d_out = _weight_axes(tuple(param.shape), self.in_axis)
+        G = self.G.to(dtype=param.dtype, device=param.device)
+        eye = torch.eye(d_out, dtype=param.dtype, device=param.device)
+        return torch.kron(eye, G) if self.in_axis == 1 else torch.kron(G, eye)
+
+    def _add(self, other: Curvature) -> Curvature | None:
+        if isinstance(other, Scalar):
+            return Gram(self.G + other.c * torch.eye(self.G.shape[0], dtype=self.G.dtype, device=self.G.device), self.in_axis)
+        if isinstance(other, Gram) and other.in_axis == self.in_axis:
+            return Gram(self.G + other.G.to(self.G.dtype), self.in_axis)
+        return None
+
+
+class KFAC(Curvature):
+    """K-FAC curvature of a linear layer: H = B (x) A, A the input Gram, B the output-gradient Gram (002 Eq. 11).
+
+    For ``nn.Linear`` (``in_axis=1``, weight out x in) H W = B W A; for ``Conv1D`` (``in_axis=0``) H W = A W B.
+    """
+
+    def __init__(self, A: Tensor, B: Tensor, in_axis: int = 1, c: float = 1.0):
+        self.A, self.B, self.in_axis, self.c = A, B, in_axis, float(c)
+
+    def __repr__(self) -> str:
+        return f"KFAC(A={tuple(self.A.shape)}, B={tuple(self.B.shape)}, in_axis={self.in_axis})"
+
+    def _factors(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        return self.A.to(dtype=like.dtype, device=like.device), self.B.to(dtype=like.dtype, device=like.device)
+
+    def mv(self, x: Tensor) -> Tensor:
+        A, B = self._factors(x)
+        return self.c * (B @ x @ A if self.in_axis == 1 else A @ x @ B)
+
+    def solve(self, b, name="?", x0=None, solver=None) -> Tensor:
+        if self.c <= 0:
+            raise MergeInputError(name, "K-FAC curvature with a non-positive scale cannot be inverted")
+        A, B = self._factors(b)
+        ca = _cholesky(A, name, "K-FAC input factor A", jitter=False)
+        cb = _cholesky(B, name, "K-FAC output-gradient factor B", jitter=False)
+        if self.in_axis == 1:  # B W A = R  ->  W = B^-1 R A^-1
+            return torch.cholesky_solve(torch.cholesky_solve(b, cb).T, ca).T / self.c
+        return torch.cholesky_solve(torch.cholesky_solve(b, ca).T, cb).T / self.c
+
+    def scale(self, c: float) -> KFAC:
+        return KFAC(self.A, self.B, self.in_axis, self.c * c)
+
+    def check(self, name: str, param: Tensor) -> None:
+        d_in, d_out = _weight_axes(tuple(param.shape), self.in_axis)
+        if tuple(self.A.shape) != (d_in, d_in) or tuple(self.B.shape) != (d_out, d_out):
+            raise MergeInputError(
+                name,
+                f"shape mismatch: K-FAC factors are A {tuple(self.A.shape)}, B {tuple(self.B.shape)}; "
+                f"the weight needs A ({d_in}, {d_in}) and B ({d_out}, {d_out})",
+            )
+        _check_psd(name, self.A, "K-FAC factor A", full=False)
+        _check_psd(name, self.B, "K-FAC factor B", full=False)
+        if self.c < 0:
+            raise MergeInputError(name, f"K-FAC curvature has a negative scale {self.c:g}")
+
+    def to_dense(self, param: Tensor) -> Tensor:
+        A, B = self._factors(param)
+        return self.c * (torch.kron(B, A) if self.in_axis == 1 else torch.kron(A, B))
+
+
+class SumCurvature(Curvature):
+    """H = sum_i H_i with no closed-form inverse; ``solve`` runs conjugate gradients (002 Eqs. 13-14)."""
+
+    def __init__(self, terms: list[Curvature]):
+        self.terms = terms
+
+    def __repr__(self) -> str:
+        return "SumCurvature(" + " + ".join(map(repr, self.terms)) + ")"
+
+    def mv(self, x: Tensor) -> Tensor:
+        return sum(h.mv(x) for h in self.terms)
+
+    def scale(self, c: float) -> SumCurvature:
+        return SumCurvature([h.scale(c) for h in self.terms])
+
+    def check(self, name: str, param: Tensor) -> None:
+        for h in self.terms:
+            h.check(name, param)
+
+    def to_dense(self, param: Tensor) -> Tensor:
+        return sum(h.to_dense(param) for h in self.terms)
 
 
 def linear_combination(coeffs: list[float], terms: list[Curvature]) -> Curvature:
-    """sum_i coeffs_i H_i, in the most general form among the terms."""
+    """sum_i coeffs_i H_i, in closed form where one exists."""
     if len(coeffs) != len(terms) or not terms:
         raise ValueError("need one coefficient per curvature term, and at least one term")
     total = terms[0].scale(coeffs[0])

@@ -4,13 +4,17 @@ from modelmerge.merge.average import average, weighted_average
 from modelmerge.merge.core import merge_parameters
 from modelmerge.merge.fisher import fisher_average
 from modelmerge.merge.gradient_matching import gradient_matching, task_removal
+from modelmerge.merge.mats import mats
+from modelmerge.merge.regmean import regmean
 from modelmerge.merge.task_arithmetic import task_arithmetic, task_negation
 
 __all__ = [
     "average",
     "fisher_average",
     "gradient_matching",
+    "mats",
     "merge_parameters",
+    "regmean",
     "task_arithmetic",
     "task_negation",
     "task_removal",
