@@ -91,5 +91,11 @@ __all__ = [
     "SumCurvature",
     "WithFallback",
     "curvature_for",
+    "scaled_identity",
     "linear_combination",
 ]
+
+
+def scaled_identity(n: float = 1.0) -> Scalar:
+    """H = n I: the identity (n = 1) or N I for N training examples (001 Table 5's "N*I")."""
+    return Scalar(float(n))
