@@ -193,13 +193,25 @@ class LayerHooks:
             if getattr(module, "bias", None) is not None:
                 self._per_example(module.bias, gs.sum(1))
             return
-        # Linear (weight out x in) or Conv1D (weight in x out)
+        # Linear (weight out x in: g_n = o'_n^T z_n) or Conv1D (weight in x out: g_n = z_n^T o'_n)
         gs = g.reshape(n, -1, g.shape[-1])
         xs = x.to(self.dtype).reshape(n, -1, x.shape[-1])
-        if isinstance(module, nn.Linear):
-            self._per_example(module.weight, torch.bmm(gs.transpose(1, 2), xs))
+        left, right = (gs, xs) if isinstance(module, nn.Linear) else (xs, gs)
+        w = module.weight
+        if self._uses[id(w)] == 1:
+            # square and sum chunk by chunk: the per-example gradients of a chunk stay in cache (on a CPU one
+            # example at a time costs about as much as the ordinary weight gradient)
+            name = self._param_names[id(w)]
+            acc = self.sq_grad.setdefault(name, torch.zeros(w.shape, dtype=self.dtype, device=g.device))
+            chunk = 1 if g.device.type == "cpu" else 16
+            for k in range(0, n, chunk):
+                pe = torch.bmm(left[k : k + chunk].transpose(1, 2), right[k : k + chunk])
+                if pe.shape[0] == 1:
+                    acc.addcmul_(pe[0], pe[0])
+                else:
+                    acc += (pe * pe).sum(0)
         else:
-            self._per_example(module.weight, torch.bmm(xs.transpose(1, 2), gs))
+            self._per_example(w, torch.bmm(left.transpose(1, 2), right))
         if module.bias is not None:
             self._per_example(module.bias, gs.sum(1))
 
