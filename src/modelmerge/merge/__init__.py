@@ -7,9 +7,11 @@ from modelmerge.merge.gradient_matching import gradient_matching, task_removal
 from modelmerge.merge.mats import mats
 from modelmerge.merge.regmean import regmean
 from modelmerge.merge.task_arithmetic import task_arithmetic, task_negation
+from modelmerge.merge.ties import dare, ties
 
 __all__ = [
     "average",
+    "dare",
     "fisher_average",
     "gradient_matching",
     "mats",
@@ -18,5 +20,6 @@ __all__ = [
     "task_arithmetic",
     "task_negation",
     "task_removal",
+    "ties",
     "weighted_average",
 ]

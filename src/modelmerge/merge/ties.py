@@ -1,0 +1,121 @@
+"""TIES-merging (Yadav et al. 2023) and DARE (Yu et al. 2024): sparsified task vectors."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+
+import torch
+from torch import Tensor
+
+from modelmerge.merge.core import merge_parameters
+from modelmerge.statedict import MergeInputError, StateDict, check_same_keys
+
+
+def _kth_largest(values: Tensor, k: float) -> float:
+    """The magnitude threshold that keeps the top fraction ``k`` of ``values`` (ties at it are kept too)."""
+    n = values.numel()
+    keep = max(1, math.ceil(k * n))
+    if keep >= n:
+        return 0.0
+    return float(torch.kthvalue(values.float(), n - keep + 1).values)
+
+
+def ties_thresholds(base: StateDict, models: Sequence[StateDict], k: float) -> list[float]:
+    """Per task, the global magnitude threshold keeping the top-k fraction of |tau_t| over the whole model.
+
+    Reads one task's magnitudes at a time (one model's worth of floats), parameter by parameter.
+    """
+    out = []
+    for model in models:
+        mags = [(model[n] - base[n]).abs().reshape(-1).float() for n in base.keys() if base[n].is_floating_point()]
+        out.append(_kth_largest(torch.cat(mags), k))
+    return out
+
+
+def ties_merge_tensor(taus: Tensor, thresholds: Sequence[float]) -> Tensor:
+    """TIES on stacked task vectors (T x ...): trim, elect, disjoint mean; returns the merged task vector.
+
+    1. trim: keep entries with |tau_t| >= threshold_t (entries tied with the threshold are all kept);
+    2. elect: the sign of the summed trimmed values ("total mass"); where that sum is exactly 0, the sign held
+       by more tasks' non-zero entries; where those counts tie too, no sign is elected and the entry stays 0;
+    3. disjoint mean: mean of the non-zero trimmed entries whose sign agrees with the elected one (0 if none).
+    """
+    thr = torch.tensor(thresholds, dtype=taus.dtype, device=taus.device).reshape(-1, *([1] * (taus.ndim - 1)))
+    trimmed = torch.where(taus.abs() >= thr, taus, torch.zeros_like(taus))
+    signs = torch.sign(trimmed)
+    elected = torch.sign(trimmed.sum(0))
+    elected = torch.where(elected == 0, torch.sign(signs.sum(0)), elected)
+    agree = (signs == elected) & (signs != 0)
+    count = agree.sum(0)
+    return torch.where(count > 0, (trimmed * agree).sum(0) / count.clamp_min(1), torch.zeros_like(elected))
+
+
+def ties(
+    base: StateDict,
+    models: Sequence[StateDict],
+    k: float = 0.2,
+    lam: float = 1.0,
+    scope: str = "model",
+    out: MutableMapping[str, Tensor] | None = None,
+) -> MutableMapping[str, Tensor]:
+    """theta = theta_0 + lam * TIES(tau_1..tau_T) (see ``ties_merge_tensor``).
+
+    ``k`` is the fraction of entries each task keeps: over the whole model (``scope="model"``, TIES' default;
+    one extra pass over the inputs finds the thresholds) or within every tensor (``"tensor"``, as mergekit).
+    """
+    if not 0.0 < k <= 1.0:
+        raise MergeInputError(None, f"k (fraction kept) must be in (0, 1], got {k}")
+    if scope not in ("model", "tensor"):
+        raise MergeInputError(None, f"scope must be 'model' or 'tensor', got {scope!r}")
+    check_same_keys(base, models)
+    global_thr = ties_thresholds(base, models, k) if scope == "model" else None
+
+    def rule(name: str, theta0: Tensor, thetas: list[Tensor]) -> Tensor:
+        taus = torch.stack([t - theta0 for t in thetas])
+        thr = global_thr if global_thr is not None else [_kth_largest(t.abs().reshape(-1), k) for t in taus]
+        return theta0 + lam * ties_merge_tensor(taus, thr)
+
+    return merge_parameters(base, models, rule, out=out, desc="TIES")
+
+
+class Dare(Mapping):
+    """A task model with DARE applied: theta_0 + m * tau / (1 - p), m ~ Bernoulli(1 - p) per entry, seeded.
+
+    Lazily computed per parameter (it plugs into any merge rule as a model, streaming included). The mask of
+    a parameter depends only on (seed, index, parameter name), not on the order parameters are read in.
+    """
+
+    def __init__(self, base: StateDict, model: StateDict, p: float, seed: int = 0, index: int = 0):
+        if not 0.0 <= p < 1.0:
+            raise MergeInputError(None, f"DARE drop probability p must be in [0, 1), got {p}")
+        self.base, self.model, self.p, self.seed, self.index = base, model, p, seed, index
+
+    def __getitem__(self, name: str) -> Tensor:
+        theta, theta0 = self.model[name], self.base[name]
+        if not theta.is_floating_point() or self.p == 0.0:
+            return theta
+        gen = torch.Generator().manual_seed(hash_seed(self.seed, self.index, name))
+        keep = torch.rand(theta.shape, generator=gen) >= self.p
+        tau = theta - theta0
+        return theta0 + torch.where(keep.to(theta.device), tau / (1.0 - self.p), torch.zeros_like(tau))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.model)
+
+    def __len__(self) -> int:
+        return len(self.model)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.model
+
+
+def hash_seed(seed: int, index: int, name: str) -> int:
+    """A 63-bit seed from (seed, model index, parameter name), stable across runs and platforms."""
+    return (int(seed) * 1_000_003 + int(index) * 7_919 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def dare(base: StateDict, models: Sequence[StateDict], p: float, seed: int = 0) -> list[Dare]:
+    """DARE versions of all task models (model t gets its own masks); merge them with any rule."""
+    return [Dare(base, m, p, seed, i) for i, m in enumerate(models)]
