@@ -42,7 +42,7 @@ def _logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     return out if isinstance(out, Tensor) else out.logits
 
 
-def _targets(task: str, batch: Mapping[str, Tensor]) -> Tensor:
+def label_targets(task: str, batch: Mapping[str, Tensor]) -> Tensor:
     """The data's labels; for causal LMs, next tokens with padding and ignored positions set to -100."""
     if task == "classification":
         if "labels" not in batch:
@@ -54,11 +54,16 @@ def _targets(task: str, batch: Mapping[str, Tensor]) -> Tensor:
     return labels
 
 
+def log_softmax(logits: Tensor) -> Tensor:
+    """log-softmax over the last axis in at least float32 (half-precision logits are upcast, float64 kept)."""
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
 def _token_logprobs(task: str, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """(log-softmax over classes, targets) aligned token by token: N x C / N, or N x (S-1) x V / N x (S-1)."""
     if task == "causal_lm":
         logits, targets = logits[:, :-1], targets[:, 1:]
-    return torch.log_softmax(logits.float(), dim=-1), targets
+    return log_softmax(logits), targets
 
 
 def per_example_nll(task: str, logits: Tensor, targets: Tensor) -> Tensor:
@@ -104,12 +109,12 @@ def _batches(batches: Iterable[Mapping[str, Tensor]], device: torch.device, desc
 
 def _losses_per_pass(task, fisher, logits, batch, generator) -> list[Tensor]:
     """Per-example losses whose gradients are squared and summed; the exact Fisher needs one pass per class."""
-    targets = _targets(task, batch)
+    targets = label_targets(task, batch)
     if fisher == "empirical":
         return [per_example_nll(task, logits, targets)]
     if fisher == "sampled":
         return [per_example_nll(task, logits, sample_targets(task, logits, targets, generator))]
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = log_softmax(logits)
     # sum_c p_c g_c^2 = sum_c (sqrt(p_c) g_c)^2: weight each class's loss by sqrt(p_c), held constant
     return [-(logp[:, c].detach().exp().sqrt() * logp[:, c]) for c in range(logp.shape[-1])]
 
