@@ -50,6 +50,12 @@ def test_writer_is_byte_identical_to_safetensors_save_file(tmp_path, models):
     ours, theirs = (tmp_path / "ours.safetensors").read_bytes(), (tmp_path / "theirs.safetensors").read_bytes()
     n_ours, n_theirs = (int.from_bytes(b[:8], "little") for b in (ours, theirs))
     assert ours[8 + n_ours :] == theirs[8 + n_theirs :]
+    # and our reader reads the official writer's file
+    mixed = {**base, "half": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "empty": torch.zeros(0, 3)}
+    save_file(mixed, tmp_path / "mixed.safetensors", metadata={"a": "b"})
+    back = LazySafetensors(tmp_path / "mixed.safetensors")
+    assert back.metadata() == {"a": "b"} and back.info("half") == (torch.bfloat16, (2, 3))
+    assert all(torch.equal(back[k], mixed[k]) and back[k].dtype == mixed[k].dtype for k in mixed)
 
 
 def test_streamed_merges_equal_in_memory_merges(tmp_path, models, fishers):

@@ -98,3 +98,17 @@ def test_dare_composes_with_ties(models):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="drop probability"):
         dare(base, tasks, p=1.0)
+
+
+@pytest.mark.parametrize("k", [0.001, 0.05, 0.2, 0.5, 0.999, 1.0])
+def test_streaming_global_threshold_equals_sorting_everything(k):
+    from modelmerge.merge.ties import _kth_largest, ties_thresholds
+
+    gen = torch.Generator().manual_seed(0)
+    base = {n: torch.randn(s, generator=gen) for n, s in (("a", (50, 40)), ("b", (300,)), ("c", (7, 7, 7)))}
+    models = [{n: v + torch.randn(v.shape, generator=gen) * 10.0 ** float(torch.randint(-3, 3, ())) for n, v in base.items()}
+              for _ in range(3)]
+    models.append({n: v.clone() for n, v in base.items()})  # an all-zero task vector
+    models[0]["b"][:100] = base["b"][:100] + 0.5  # many exact ties
+    expected = [_kth_largest(torch.cat([(m[n] - base[n]).abs().reshape(-1) for n in base]), k) for m in models]
+    assert ties_thresholds(base, models, k) == expected

@@ -11,7 +11,6 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from modelmerge.statedict import MergeInputError, StateDict
@@ -56,19 +55,39 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 class LazySafetensors(Mapping):
-    """A read-only state dict backed by a safetensors file; each tensor is read when it is indexed."""
+    """A read-only state dict backed by a safetensors file; each tensor is read when it is indexed.
+
+    Tensors are read with plain file reads into fresh buffers (no memory map), so a streaming merge's resident
+    memory holds only the tensors in use, not every page of every input file it has touched.
+    """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no safetensors file at {self.path}")
-        self._file = safe_open(str(self.path), framework="pt", device=device)
-        self._keys = list(self._file.keys())
+        self.device = device
+        with open(self.path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        self._data_start = 8 + n
+        self._meta = header.pop("__metadata__", None) or {}
+        self._header = header
+        self._keys = list(header)
 
     def __getitem__(self, name: str) -> Tensor:
-        if name not in self._keys:
+        if name not in self._header:
             raise KeyError(name)
-        return self._file.get_tensor(name)
+        info = self._header[name]
+        dtype, shape = _ST_TO_TORCH[info["dtype"]], tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        buf = bytearray(end - begin)
+        with open(self.path, "rb") as fh:
+            fh.seek(self._data_start + begin)
+            if fh.readinto(buf) != len(buf):
+                raise OSError(f"{self.path} is truncated at tensor {name!r}")
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape).to(self.device)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -77,16 +96,16 @@ class LazySafetensors(Mapping):
         return len(self._keys)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._keys
+        return name in self._header
 
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """(dtype, shape) of a tensor without reading its data."""
-        sl = self._file.get_slice(name)
-        return _ST_TO_TORCH[sl.get_dtype()], tuple(sl.get_shape())
+        info = self._header[name]
+        return _ST_TO_TORCH[info["dtype"]], tuple(info["shape"])
 
     def metadata(self) -> dict[str, str]:
         """The file's ``__metadata__`` (string -> string)."""
-        return dict(self._file.metadata() or {})
+        return dict(self._meta)
 
 
 def tensor_info(state: StateDict, name: str) -> tuple[torch.dtype, tuple[int, ...]]:

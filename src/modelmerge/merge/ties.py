@@ -13,6 +13,9 @@ from modelmerge.merge.core import merge_parameters
 from modelmerge.statedict import MergeInputError, StateDict, check_same_keys
 
 
+CHUNK = 1 << 22  # entries per elementwise chunk (16 MB of float32 per task)
+
+
 def _kth_largest(values: Tensor, k: float) -> float:
     """The magnitude threshold that keeps the top fraction ``k`` of ``values`` (ties at it are kept too)."""
     n = values.numel()
@@ -25,12 +28,33 @@ def _kth_largest(values: Tensor, k: float) -> float:
 def ties_thresholds(base: StateDict, models: Sequence[StateDict], k: float) -> list[float]:
     """Per task, the global magnitude threshold keeping the top-k fraction of |tau_t| over the whole model.
 
-    Reads one task's magnitudes at a time (one model's worth of floats), parameter by parameter.
+    Exact and streaming: a first pass counts magnitudes per bucket of their float32 bit pattern (monotonic in
+    the value for non-negative floats; 65,536 buckets by the top 16 bits), a second pass gathers only the bucket
+    that holds the threshold and takes its exact order statistic. Memory: one tensor plus one bucket.
     """
+    names = [n for n in base.keys() if base[n].is_floating_point()]
     out = []
     for model in models:
-        mags = [(model[n] - base[n]).abs().reshape(-1).float() for n in base.keys() if base[n].is_floating_point()]
-        out.append(_kth_largest(torch.cat(mags), k))
+
+        def magnitudes():
+            for n in names:
+                yield (model[n] - base[n]).abs().reshape(-1).float()
+
+        counts = torch.zeros(1 << 16, dtype=torch.int64)
+        total = 0
+        for a in magnitudes():
+            counts += torch.bincount(a.view(torch.int32) >> 16, minlength=1 << 16)
+            total += a.numel()
+        keep = max(1, math.ceil(k * total))
+        if keep >= total:
+            out.append(0.0)
+            continue
+        above = torch.flip(counts, [0]).cumsum(0)  # above[i] = entries in buckets >= 65535 - i
+        bucket = (1 << 16) - 1 - int(torch.searchsorted(above, keep))
+        n_higher = int(counts[bucket + 1 :].sum())
+        inside = torch.cat([a[(a.view(torch.int32) >> 16) == bucket] for a in magnitudes()])
+        # the (keep - n_higher)-th largest inside the bucket is the keep-th largest overall
+        out.append(float(torch.kthvalue(inside, inside.numel() - (keep - n_higher) + 1).values))
     return out
 
 
@@ -73,9 +97,17 @@ def ties(
     global_thr = ties_thresholds(base, models, k) if scope == "model" else None
 
     def rule(name: str, theta0: Tensor, thetas: list[Tensor]) -> Tensor:
-        taus = torch.stack([t - theta0 for t in thetas])
-        thr = global_thr if global_thr is not None else [_kth_largest(t.abs().reshape(-1), k) for t in taus]
-        return theta0 + lam * ties_merge_tensor(taus, thr)
+        thr = global_thr
+        if thr is None:
+            thr = [_kth_largest((t - theta0).abs().reshape(-1), k) for t in thetas]
+        # elementwise from here on: go through large tensors in chunks to bound the temporaries
+        flat0, flats = theta0.reshape(-1), [t.reshape(-1) for t in thetas]
+        out = torch.empty_like(flat0)
+        for s in range(0, flat0.numel(), CHUNK):
+            e = min(s + CHUNK, flat0.numel())
+            taus = torch.stack([f[s:e] - flat0[s:e] for f in flats])
+            out[s:e] = flat0[s:e] + lam * ties_merge_tensor(taus, thr)
+        return out.reshape(theta0.shape)
 
     return merge_parameters(base, models, rule, out=out, desc="TIES")
 
