@@ -1,0 +1,135 @@
+"""Fine-tuning loop of 001 App. C: AdamW, or Adam with a decoupled quadratic penalty toward theta_0.
+
+The penalty variant takes, before every Adam step, theta <- theta - lr_t * lam * H_0 (theta - theta_0), the
+decoupled form (like AdamW's weight decay) of the gradient of lam/2 ||theta - theta_0||^2_{H_0} (001 Eq. 8),
+with H_0 = I or a diagonal curvature. Linear warmup then linear decay, gradient-norm clipping, seeded
+shuffling; deterministic on CPU. The all-data (multitask) baseline is this loop on the concatenated data.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from modelmerge.curvature.estimate import label_targets, per_example_nll
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one fine-tuning run (defaults: 001 App. C.2 where it gives them)."""
+
+    epochs: float = 1.0
+    lr: float = 1e-5
+    batch_size: int = 16
+    max_length: int = 128
+    optimizer: str = "adamw"  # "adamw" or "adam_penalty"
+    weight_decay: float = 0.0  # AdamW's decay toward zero
+    penalty: float = 0.0  # lam of the decoupled quadratic penalty toward theta_0 ("adam_penalty")
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+def text_batches(
+    tokenizer,
+    texts: Sequence[str],
+    labels: Sequence[int] | None,
+    batch_size: int,
+    max_length: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    task: str = "classification",
+) -> list[dict[str, Tensor]]:
+    """Tokenised, padded batches; causal-LM batches get ``labels`` = input ids with padding set to -100."""
+    order = list(range(len(texts)))
+    if shuffle:
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if task == "causal_lm":
+            batch["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        elif labels is not None:
+            batch["labels"] = torch.tensor([int(labels[i]) for i in idx])
+        batches.append(batch)
+    return batches
+
+
+def mean_loss(model: nn.Module, batch: Mapping[str, Tensor], task: str) -> Tensor:
+    """Mean over examples of the per-example NLL (a sequence's tokens summed for causal LMs)."""
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    return per_example_nll(task, out.logits, label_targets(task, batch)).mean()
+
+
+def finetune(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    labels: Sequence[int] | None,
+    config: TrainConfig,
+    task: str = "classification",
+    penalty_curvature: Mapping[str, Tensor] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune ``model`` in place; returns metrics (loss per step, seconds, examples, steps, config)."""
+    if config.optimizer not in ("adamw", "adam_penalty"):
+        raise ValueError(f"optimizer must be 'adamw' or 'adam_penalty', got {config.optimizer!r}")
+    from transformers import get_linear_schedule_with_warmup
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(config.seed)
+    model.to(device).train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    theta0 = {n: p.detach().clone() for n, p in params.items()} if config.optimizer == "adam_penalty" else {}
+    h0 = {n: penalty_curvature[n].to(device) for n in params} if penalty_curvature is not None else None
+    decay = config.weight_decay if config.optimizer == "adamw" else 0.0
+    opt = torch.optim.AdamW(params.values(), lr=config.lr, betas=(0.9, 0.999), weight_decay=decay)
+    n_batches = math.ceil(len(texts) / config.batch_size)
+    total = max(1, round(config.epochs * n_batches))
+    sched = get_linear_schedule_with_warmup(opt, min(config.warmup_steps, total // 2), total)
+    losses, step, epoch = [], 0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc="fine-tuning", disable=not progress, mininterval=2.0)
+    while step < total:
+        for batch in text_batches(tokenizer, texts, labels, config.batch_size, config.max_length, True,
+                                  config.seed + epoch, task):
+            if step >= total:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = mean_loss(model, batch, task)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
+            if theta0:  # decoupled quadratic penalty toward theta_0, weighted by H_0 (identity if None)
+                lr_t = sched.get_last_lr()[0]
+                with torch.no_grad():
+                    for n, p in params.items():
+                        diff = p - theta0[n]
+                        p.sub_(lr_t * config.penalty * (h0[n] * diff if h0 is not None else diff))
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        epoch += 1
+    bar.close()
+    model.eval()
+    return {
+        "losses": losses,
+        "seconds": time.perf_counter() - start,
+        "examples": len(texts),
+        "steps": step,
+        "device": str(device),
+        "config": asdict(config),
+    }
