@@ -125,3 +125,25 @@ def test_gradient_mismatch_is_the_norm_of_the_gradient_difference(toy):
 def test_toxicity_summary_by_hand():
     s = toxicity_summary(np.array([0.1, 0.5, 0.9, 0.2]), threshold=0.5)
     assert s["100 x avg. toxicity"] == pytest.approx(42.5) and s["% toxic"] == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("arch,task", [("bert", "classification"), ("roberta", "classification"),
+                                       ("gpt2", "causal_lm"), ("llama", "causal_lm"), ("t5", "seq2seq")])
+def test_tiny_models_are_seeded_and_checkpoints_round_trip(tmp_path, toy, arch, task):
+    import json
+
+    import transformers
+
+    from modelmerge.models import save_checkpoint
+
+    _, _, tok = toy
+    a, b = tiny_model(arch, tok.vocab_size, task=task, seed=4), tiny_model(arch, tok.vocab_size, task=task, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    folder = save_checkpoint(a, tok, tmp_path / "ckpt", metrics={"loss": [1.0, 0.5]})
+    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+    assert json.loads((folder / "metrics.json").read_text()) == {"loss": [1.0, 0.5]}
+    auto = {"classification": transformers.AutoModelForSequenceClassification, "causal_lm": transformers.AutoModelForCausalLM,
+            "seq2seq": transformers.AutoModelForSeq2SeqLM}[task]
+    back = auto.from_pretrained(folder)
+    sd = back.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in a.state_dict().items() if k in sd)

@@ -9,6 +9,7 @@ tokenizer trained on the task texts (no download anywhere).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -94,8 +95,8 @@ def tiny_model(arch: str, vocab_size: int, task: str = "classification", num_lab
     return tf.AutoModelForCausalLM.from_config(config)
 
 
-def save_checkpoint(model, tokenizer, folder: str | os.PathLike) -> Path:
-    """``save_pretrained`` (safetensors) of model and tokenizer into ``folder``, replacing it atomically."""
+def save_checkpoint(model, tokenizer, folder: str | os.PathLike, metrics: dict | None = None) -> Path:
+    """``save_pretrained`` (safetensors) of model and tokenizer, plus ``metrics.json``, replacing ``folder`` atomically."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -103,6 +104,8 @@ def save_checkpoint(model, tokenizer, folder: str | os.PathLike) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if metrics is not None:
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
