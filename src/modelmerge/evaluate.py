@@ -47,6 +47,7 @@ def training_gradient(
     """grad of the summed training loss sum_n l_n at ``params`` (the model's own weights are not touched)."""
     model.eval()
     device = next(model.parameters()).device
+    params = canonical_params(model, params)
     p = {k: v.detach().to(device).requires_grad_(v.is_floating_point()) for k, v in params.items()}
     grads = {k: torch.zeros_like(v) for k, v in p.items() if v.requires_grad}
     for b in batches:
@@ -58,6 +59,12 @@ def training_gradient(
             if g is not None:
                 grads[k] += g
     return grads
+
+
+def canonical_params(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``params`` without the second names of tied parameters (functional_call ties them back)."""
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in params.items() if k not in aliases}
 
 
 def gradient_mismatch(
@@ -103,17 +110,20 @@ def generate(
     """Continuations of ``prefix + prompt`` by nucleus sampling with a fixed seed (the prompt is not returned)."""
     model.eval()
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only generation pads on the left
     out = []
     torch.manual_seed(seed)
-    for start in range(0, len(prompts), batch_size):
-        texts = [prefix + p for p in prompts[start : start + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
-        gen = model.generate(
-            **enc, do_sample=True, top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [prefix + p for p in prompts[start : start + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+            gen = model.generate(
+                **enc, do_sample=True, top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
     return out
 
 

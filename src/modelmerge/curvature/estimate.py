@@ -186,6 +186,14 @@ class LayerFactors:
         return cls(meta["kind"], A, B, json.loads(meta["in_axis"]), int(meta["n"]), meta)
 
 
+def _tied_ids(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under more than one name."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, c in seen.items() if c > 1}
+
+
 def _expand_tied(model: nn.Module, stats: dict[str, Tensor]) -> dict[str, Tensor]:
     """Give every name of a tied parameter (e.g. embeddings and LM head) the statistics of its canonical name."""
     canonical = {id(p): n for n, p in model.named_parameters()}
@@ -274,15 +282,20 @@ def layer_factors(
 ) -> LayerFactors:
     """RegMean Grams (``kind="gram"``, forward only) or K-FAC factors (``"kfac"``) of every linear layer.
 
-    A = sum_{n,s} z z^T / N over unpadded tokens s of the N examples (z the layer input) and, for K-FAC,
-    B = sum_{n,s} o' o'^T / N with o' the gradient of example n's NLL (labels as in ``fisher``) with respect to
-    the layer output. For one example with one token, B (x) A is exactly that example's Fisher of the layer.
+    Grams (RegMean, 002 Eq. 5): A = sum_{n,s} z z^T / N over the unpadded tokens s of the N examples (z the
+    layer input). K-FAC ("expand" convention): A = sum_{n,s} z z^T / (number of unpadded tokens) and
+    B = sum_{n,s} o' o'^T / N, o' the gradient of example n's NLL (labels as in ``fisher``) with respect to the
+    layer output, so that B (x) A is on the scale of the averaged Fisher F_avg whatever the sequence length;
+    for one example with one token it is exactly that example's Fisher of the layer. Linear layers whose
+    weight is tied to another use (a tied LM head) get no factors.
     """
     if kind not in ("gram", "kfac"):
         raise ValueError(f"kind must be 'gram' or 'kfac', got {kind!r}")
     _check(task, fisher)
     if kind == "kfac" and fisher == "exact":
         raise ValueError("K-FAC here uses one label per example: choose fisher='empirical' or 'sampled'")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise NotImplementedError("Gram / K-FAC factors of encoder-decoder models need per-stack padding masks")
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -300,10 +313,17 @@ def layer_factors(
                     (loss,) = _losses_per_pass(task, fisher, logits, batch, generator)
                     loss.sum().backward()
             n += _batch_size(batch)
-    # keyed by the layer's own weight name (a tied LM head keeps its factors under lm_head.weight)
+    # a layer whose weight is tied to another use (an LM head sharing the embeddings) gets no factors: they
+    # would describe only one of its uses; such weights fall back to whatever covers the other parameters
+    tied = _tied_ids(model)
     weight = {name: f"{name}.weight" if name else "weight" for name in layers}
-    A = {weight[k]: (v / n).cpu() for k, v in hooks.A.items()}
-    B = {weight[k]: (v / n).cpu() for k, v in hooks.B.items()}
-    in_axis = {weight[k]: layers[k][1] for k in hooks.A}
+    keep = [k for k in hooks.A if id(layers[k][0].weight) not in tied]
+    if kind == "gram":
+        A = {weight[k]: (hooks.A[k] / n).cpu() for k in keep}
+        B = {}
+    else:  # K-FAC expand: A per input row, B per example, so B (x) A is on the scale of F_avg
+        A = {weight[k]: (hooks.A[k] / hooks.tokens[k]).cpu() for k in keep}
+        B = {weight[k]: (hooks.B[k] / n).cpu() for k in keep}
+    in_axis = {weight[k]: layers[k][1] for k in keep}
     meta = {"estimator": kind, "task": task, "fisher": fisher, "seed": str(seed), "data": data}
     return LayerFactors(kind, A, B, in_axis, n, meta)

@@ -6,7 +6,7 @@ example's tokens, and of a (RMS) layer norm it is sum_s o'_{n,s} * zhat_{n,s}. F
 
 - ``"sq_grad"``: sum_n g_n^2 for every parameter (the diagonal empirical/sampled Fisher);
 - ``"gram"``: A = sum_{n,s} z z^T over unmasked tokens, per linear layer (RegMean; forward only);
-- ``"kfac"``: A as above and B = sum_{n,s} o' o'^T, per linear layer (K-FAC).
+- ``"kfac"``: A as above and B = sum_{n,s} o' o'^T, per linear layer (K-FAC), with the input rows counted.
 
 Parameters never need ``.grad``: the model's parameters are frozen during the pass and gradients flow only
 through activations, so the backward pass does no weight-gradient products of its own. A parameter used by
@@ -33,10 +33,18 @@ def _is_rms_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") or type(module).__name__ == "T5LayerNorm"
 
 
+#: embeddings whose input is not batch-first (T5's relative position buckets, shape q x k): the per-example
+#: loop covers them instead
+NOT_PER_EXAMPLE = ("relative_attention_bias",)
+
+
 def supported_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules whose parameters the hooks handle, by qualified name."""
     kinds = (nn.Linear, nn.Embedding, nn.LayerNorm) + ((Conv1D,) if Conv1D else ())
-    return {n: m for n, m in model.named_modules() if isinstance(m, kinds) or _is_rms_norm(m)}
+    return {
+        n: m for n, m in model.named_modules()
+        if (isinstance(m, kinds) or _is_rms_norm(m)) and not n.endswith(NOT_PER_EXAMPLE)
+    }
 
 
 def linear_layers(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
@@ -65,6 +73,7 @@ class LayerHooks:
         self.sq_grad: dict[str, Tensor] = {}
         self.A: dict[str, Tensor] = {}
         self.B: dict[str, Tensor] = {}
+        self.tokens: dict[str, int] = {}  # input rows seen per layer (K-FAC normalises A by them)
         self._handles: list = []
         self._param_names = {id(p): n for n, p in model.named_parameters()}  # canonical (first) names
         self.batch_size: int | None = None
@@ -148,6 +157,7 @@ class LayerHooks:
             if self.mode == "kfac":
                 rows = self._masked_rows(x.to(self.dtype))
                 self._add(self.A, name, rows.T @ rows)
+                self.tokens[name] = self.tokens.get(name, 0) + rows.shape[0]
                 fn = lambda g: self._add(self.B, name, (r := g.reshape(-1, g.shape[-1]).to(self.dtype)).T @ r)  # noqa: E731
             else:
                 saved = self._saved_input(module, x)
@@ -169,8 +179,10 @@ class LayerHooks:
         if isinstance(module, nn.LayerNorm):
             return nn.functional.layer_norm(x.float(), module.normalized_shape, None, None, module.eps).to(self.dtype)
         if _is_rms_norm(module):
-            eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+            eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
             xf = x.float()
+            if eps is None:  # torch.nn.RMSNorm's default
+                eps = torch.finfo(x.dtype).eps
             return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(self.dtype)
         return x
 

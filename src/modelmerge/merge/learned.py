@@ -35,6 +35,7 @@ class LayerwiseMerge(nn.Module):
         init: float = 0.3,
         activation: str = "tanh",
         clip: tuple[float, float] | None = None,
+        tied: Mapping[str, str] | None = None,
     ):
         super().__init__()
         if activation not in ("tanh", "identity"):
@@ -43,7 +44,8 @@ class LayerwiseMerge(nn.Module):
             raise MergeInputError(None, f"with tanh the initial coefficient must lie in (-1, 1), got {init}")
         check_same_keys(base, models)
         self.activation, self.clip = activation, clip
-        self.names = [n for n in base.keys() if base[n].is_floating_point()]
+        self.tied = dict(tied or {})  # alias -> canonical name: one coefficient per shared tensor
+        self.names = [n for n in base.keys() if base[n].is_floating_point() and n not in self.tied]
         self.base = {n: base[n].detach() for n in base.keys()}
         self.taus: dict[str, Tensor] = {}
         for n in self.names:
@@ -65,7 +67,17 @@ class LayerwiseMerge(nn.Module):
         for j, n in enumerate(self.names):
             tau = self.taus[n]
             out[n] = self.base[n] + torch.tensordot(c[:, j].to(tau.dtype), tau, dims=1)
+        for alias, canonical in self.tied.items():
+            if alias in out:
+                out[alias] = out[canonical]
         return out
+
+    def to_device(self, device: torch.device) -> LayerwiseMerge:
+        """Move W, the base and the task vectors (plain tensors, not module buffers) to ``device``."""
+        self.to(device)
+        self.base = {k: v.to(device) for k, v in self.base.items()}
+        self.taus = {k: v.to(device) for k, v in self.taus.items()}
+        return self
 
     def project(self) -> None:
         """Keep W in its box after an optimiser step (AdaMerging clips to [0, 1])."""
@@ -82,9 +94,19 @@ def merge_objective(objective: str, logits: Tensor, batch: Mapping[str, Tensor])
     return per_example_nll(objective, logits, label_targets(objective, batch)).mean()
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Second names of tied parameters -> their canonical (first) name, e.g. lm_head.weight -> embeddings."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    return {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if canonical[id(p)] != n}
+
+
 def forward_merged(model: nn.Module, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
     """Logits of ``model`` with its parameters replaced by ``params`` (torch.func.functional_call)."""
-    out = functional_call(model, dict(params), args=(), kwargs={k: v for k, v in batch.items() if k != "labels"})
+    aliases = tied_aliases(model)
+    params = {k: v for k, v in params.items() if k not in aliases}  # functional_call ties them back
+    device = next(model.parameters()).device
+    kwargs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    out = functional_call(model, params, args=(), kwargs=kwargs)
     return out if isinstance(out, Tensor) else out.logits
 
 
@@ -112,13 +134,14 @@ def learn_merge_weights(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     model.eval()
+    merger.to_device(next(model.parameters()).device)
     opt = torch.optim.Adam([merger.W], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     steps = tqdm(total=epochs * len(batches), desc="learning merge weights", disable=not progress, mininterval=2.0)
     for _ in range(epochs):
         for b in torch.randperm(len(batches), generator=gen).tolist():
-            batch = batches[b]
+            batch = {k: v.to(merger.W.device) for k, v in batches[b].items()}
             loss = merge_objective(objective, forward_merged(model, merger.merged(), batch), batch)
             opt.zero_grad()
             loss.backward()
@@ -128,8 +151,8 @@ def learn_merge_weights(
             steps.update()
     steps.close()
     with torch.no_grad():
-        state = {k: v.detach().clone() for k, v in merger.merged().items()}
-    return LearnedMerge(state, merger.coefficients().detach().clone(), losses)
+        state = {k: v.detach().cpu().clone() for k, v in merger.merged().items()}
+    return LearnedMerge(state, merger.coefficients().detach().cpu().clone(), losses)
 
 
 def supermerge(
@@ -146,7 +169,7 @@ def supermerge(
     progress: bool = True,
 ) -> LearnedMerge:
     """SuperMerge (004): c = tanh(W) learned on labelled validation data; ``use_tanh=False`` is the ablation."""
-    merger = LayerwiseMerge(base, models, init=init, activation="tanh" if use_tanh else "identity")
+    merger = LayerwiseMerge(base, models, init=init, activation="tanh" if use_tanh else "identity", tied=tied_aliases(model))
     return learn_merge_weights(merger, model, batches, objective, epochs, lr, seed, progress)
 
 
@@ -162,7 +185,7 @@ def adamerging(
     progress: bool = True,
 ) -> LearnedMerge:
     """AdaMerging (layer-wise): coefficients in [0, 1] that minimise prediction entropy on unlabelled inputs."""
-    merger = LayerwiseMerge(base, models, init=init, activation="identity", clip=(0.0, 1.0))
+    merger = LayerwiseMerge(base, models, init=init, activation="identity", clip=(0.0, 1.0), tied=tied_aliases(model))
     return learn_merge_weights(merger, model, batches, "entropy", epochs, lr, seed, progress)
 
 

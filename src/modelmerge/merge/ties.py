@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from modelmerge.merge.core import merge_parameters
-from modelmerge.statedict import MergeInputError, StateDict, check_same_keys
+from modelmerge.statedict import MergeInputError, StateDict, check_same_keys, compute_dtype
 
 
 CHUNK = 1 << 22  # entries per elementwise chunk (16 MB of float32 per task)
@@ -36,9 +36,10 @@ def ties_thresholds(base: StateDict, models: Sequence[StateDict], k: float) -> l
     out = []
     for model in models:
 
-        def magnitudes():
+        def magnitudes():  # in the merge's compute dtype, so the threshold matches what the rule compares
             for n in names:
-                yield (model[n] - base[n]).abs().reshape(-1).float()
+                cd = compute_dtype(base[n].dtype)
+                yield (model[n].to(cd) - base[n].to(cd)).abs().reshape(-1).float()
 
         counts = torch.zeros(1 << 16, dtype=torch.int64)
         total = 0

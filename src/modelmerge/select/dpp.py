@@ -9,6 +9,7 @@ The selected subset is then merged by any merge rule.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,7 @@ def quality_scores(
 ) -> Tensor:
     """q_i = (acc_i - acc_pt) / acc_pt, normalised to unit norm.
 
+    With ||q|| = 1 every det(L_Y) <= 1, so the unconstrained MAP is the empty set: select a size k (or sample).
     det(L_Y) depends on q only through q_i^2, so a model that is worse than the pre-trained one would count
     as "high quality" by its loss; with ``clip_negative`` (default) such gains become 0 and the model is never
     selected. ``accuracy_pretrained`` may be one number or one per model (each on model i's validation set).
@@ -61,6 +63,16 @@ def log_det(L: Tensor, subset: Sequence[int]) -> float:
     return float(value) if float(sign) > 0 else float("-inf")
 
 
+def _warn_if_empty(chosen: list[int], k: int | None) -> list[int]:
+    if not chosen and k is None:
+        warnings.warn(
+            "the unconstrained DPP MAP is the empty set: no subset has det(L_Y) > 1 (with ||q|| = 1, as in 003, "
+            "every det(L_Y) <= 1); pass the subset size k or sample with sample_dpp",
+            stacklevel=3,
+        )
+    return chosen
+
+
 def greedy_map(L: Tensor, k: int | None = None, eps: float = 1e-12) -> list[int]:
     """Greedy MAP (fast incremental-Cholesky version, Chen et al. 2018).
 
@@ -85,7 +97,7 @@ def greedy_map(L: Tensor, k: int | None = None, eps: float = 1e-12) -> list[int]
         e = (L[j] - c @ c[j]) / gains[j].sqrt()
         c = torch.cat([c, e[:, None]], dim=1)
         d2 = d2 - e**2
-    return chosen
+    return _warn_if_empty(chosen, k)
 
 
 def exact_map(L: Tensor, k: int | None = None) -> list[int]:
@@ -100,7 +112,7 @@ def exact_map(L: Tensor, k: int | None = None) -> list[int]:
             val = log_det(L, subset)
             if val > best_val:
                 best, best_val = list(subset), val
-    return best
+    return _warn_if_empty(best, k)
 
 
 def sample_dpp(L: Tensor, generator: torch.Generator) -> list[int]:
