@@ -14,10 +14,12 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/linear.smk"
+include: "workflow/rules/sentiment.smk"
 
 
 rule all:
     input:
         data_outputs(),
         linear_outputs(),
+        sentiment_outputs(),
     default_target: True

@@ -34,7 +34,10 @@ def planned_jobs(output: str) -> dict[str, int]:
 def test_every_configuration_dry_runs_the_whole_dag(config):
     proc = snakemake("-n", "--forceall", "--configfile", str(config))
     jobs = planned_jobs(proc.stdout + proc.stderr)
-    assert jobs == {"all": 1, "fetch_asset": 2, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1}
+    sentiment = {"sentiment_pretrained": 1, "sentiment_model": 6, "sentiment_curvature": 5, "sentiment_merge": 1}
+    assets = 3 if config.stem == "default" else 2  # the default run also fetches MiniLM
+    assert jobs == {"all": 1, "fetch_asset": assets, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1,
+                    **sentiment}
 
 
 def test_schema_refuses_a_bad_configuration(tmp_path):
@@ -79,8 +82,14 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     assert gm.loc[("quadratic", "task arithmetic"), dist] > 1e-2
     assert 1e-8 < gm.loc[("logistic", "gradient matching"), dist] < gm.loc[("logistic", "task arithmetic"), dist]
 
-    # a second run has nothing to do; a forced rerun gives identical bytes
-    before = digest(figures) | digest(tmp_path / "figures" / "data")
+    # sentiment: every table row and figure is there, and the target and the base are rows of Table 3
+    table3 = pd.read_csv(tmp_path / "figures" / "sentiment" / "table3_merging.csv")
+    assert {"All-data (target)", "Base model", "Gradient matching (F_sum)", "Task arithmetic (alpha = 1)"} <= set(table3["merge"])
+    assert table3[["Avg.", "True Avg."]].apply(lambda c: c.between(0, 100)).all().all()
+
+    # a second run has nothing to do; rerunning the figure rules (models kept) gives identical bytes
+    tracked = ("linear", "data", "sentiment")
+    before = {d: digest(tmp_path / "figures" / d) for d in tracked}
     assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(snakemake(*overrides))
-    snakemake(*overrides, "--forceall")
-    assert digest(figures) | digest(tmp_path / "figures" / "data") == before
+    snakemake(*overrides, "--forcerun", "linear_theorem1", "linear_mismatch", "sentiment_merge")
+    assert {d: digest(tmp_path / "figures" / d) for d in tracked} == before

