@@ -18,6 +18,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+# a notebook job whose Jupyter kernel fails to start (two kernels racing for ports when jobs start together) is
+# retried; the outputs are deterministic, so a retry cannot change them
+NOTEBOOK_RETRIES = 2
+
 # the interpreter running Snakemake also runs the notebooks, so an unactivated venv works too
 PAPERMILL = f"{shlex.quote(sys.executable)} -m papermill --kernel python3 --no-progress-bar --log-output"
 

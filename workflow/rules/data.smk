@@ -76,5 +76,6 @@ rule prepare_data:
                 "assets": {k: {kk: config["assets"][k][kk] for kk in ("package", "version", "sha256", "licence")} for k in ("tweets", "drugs")},
             }
         ),
+    retries: NOTEBOOK_RETRIES
     shell:
         "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook}"

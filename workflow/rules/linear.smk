@@ -25,6 +25,7 @@ rule linear_theorem1:
         f"{RESULTS}/benchmarks/linear/theorem1.tsv"
     params:
         notebook=notebook_parameters({**config["linear"]["theorem1"], "out_dir": f"{FIGURES}/linear"}),
+    retries: NOTEBOOK_RETRIES
     shell:
         "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook}"
 
@@ -43,5 +44,6 @@ rule linear_mismatch:
         f"{RESULTS}/benchmarks/linear/mismatch.tsv"
     params:
         notebook=notebook_parameters({**config["linear"]["mismatch"], "out_dir": f"{FIGURES}/linear"}),
+    retries: NOTEBOOK_RETRIES
     shell:
         "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook}"

@@ -82,6 +82,7 @@ rule sentiment_model:
     threads: 1
     params:
         notebook=sentiment_model_parameters,
+    retries: NOTEBOOK_RETRIES
     shell:
         "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
 
@@ -134,5 +135,6 @@ rule sentiment_merge:
             "data_dir": f"{DATA}/prepared/sentiment",
             "out_dir": f"{FIGURES}/sentiment",
         }),
+    retries: NOTEBOOK_RETRIES
     shell:
         "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
