@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from modelmerge.experiments import load_tied_state, parse_variant, text_sample, toxicity_removal
+from modelmerge.experiments import load_tied_state, parse_variant, resolve_delta, text_sample, toxicity_removal
 from modelmerge.models import tiny_model
 
 
@@ -44,9 +44,10 @@ def test_eq13_removes_more_than_task_arithmetic_where_only_the_toxic_data_has_cu
 
 
 def test_variants_parse_and_bad_ones_are_refused():
-    assert parse_variant("base") == ("base", None) and parse_variant("toxic") == ("toxic", None)
-    assert parse_variant("ta_0.25") == ("ta", 0.25) and parse_variant("eq13_2") == ("eq13", 2.0)
-    for bad in ("ties_1", "eq13", "ta_"):
+    assert parse_variant("base") == ("base", None, None) and parse_variant("toxic") == ("toxic", None, None)
+    assert parse_variant("ta_0.25") == ("ta", 0.25, None)
+    assert parse_variant("eq13_2_1e-10") == ("eq13", 2.0, "1e-10") and parse_variant("eq13_1_mean") == ("eq13", 1.0, "mean")
+    for bad in ("ties_1", "eq13", "eq13_1", "ta_", "ta_x", "eq13_1_"):
         with pytest.raises(ValueError):
             parse_variant(bad)
     with pytest.raises(ValueError):
@@ -55,12 +56,12 @@ def test_variants_parse_and_bad_ones_are_refused():
 
 def test_text_sample_is_seeded_keeps_set_order_and_takes_all_when_small(tmp_path):
     path = tmp_path / "set.parquet"
-    pd.DataFrame({"text": [f"t{i}" for i in range(50)]}).to_parquet(path)
+    pd.DataFrame({"text": [f"t{i}" for i in range(49)] + ["a\r\n b\t c"]}).to_parquet(path)
     a, b = text_sample(path, 10, seed=3), text_sample(path, 10, seed=3)
     assert a == b and len(set(a)) == 10
-    assert a == sorted(a, key=lambda t: int(t[1:]))  # subsample in the set's order
+    assert a == sorted(a, key=lambda t: int(t[1:]) if t[1:].isdigit() else 99)  # subsample in the set's order
     assert text_sample(path, 10, seed=4) != a
-    assert text_sample(path, 500, seed=3) == [f"t{i}" for i in range(50)]
+    assert text_sample(path, 500, seed=3) == [f"t{i}" for i in range(49)] + ["a b c"]  # whitespace runs: one space
 
 
 def test_tied_lm_head_follows_the_embedding_and_other_missing_weights_fail():
@@ -71,3 +72,10 @@ def test_tied_lm_head_follows_the_embedding_and_other_missing_weights_fail():
     del state["model.norm.weight"]
     with pytest.raises(KeyError, match="model.norm.weight"):
         load_tied_state(model, state)
+
+
+def test_delta_mean_is_the_mean_diagonal_entry_of_the_rest_curvature():
+    rest = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([[10.0]]), "tied": torch.tensor([100.0])}
+    assert resolve_delta("mean", rest, ["a", "b"]) == pytest.approx(16.0 / 4)
+    assert resolve_delta("10mean", rest, ["a", "b"]) == pytest.approx(40.0)
+    assert resolve_delta("1e-10", rest, ["a", "b"]) == 1e-10

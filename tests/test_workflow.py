@@ -36,9 +36,10 @@ def test_every_configuration_dry_runs_the_whole_dag(config):
     proc = snakemake("-n", "--forceall", "--configfile", str(config))
     jobs = planned_jobs(proc.stdout + proc.stderr)
     sentiment = {"sentiment_pretrained": 1, "sentiment_model": 6, "sentiment_curvature": 5, "sentiment_merge": 1}
-    n_alphas = len(yaml.safe_load(config.read_text())["toxicity"]["alphas"])
-    toxicity = {"toxicity_pretrained": 1, "toxicity_model": 1, "toxicity_curvature": 2,
-                "toxicity_evaluate": 2 + 2 * n_alphas, "toxicity_report": 1}  # base, toxic, TA and Eq. 13 per alpha
+    tox = yaml.safe_load(config.read_text())["toxicity"]
+    toxicity = {"toxicity_pretrained": 1, "toxicity_model": 1, "toxicity_curvature": 2, "toxicity_report": 1,
+                # base, toxic, then per alpha TA and Eq. 13 for every delta
+                "toxicity_evaluate": 2 + len(tox["alphas"]) * (1 + len(tox["deltas"]))}
     assets = 4 if config.stem == "default" else 2  # the default run also fetches MiniLM and SmolLM2
     assert jobs == {"all": 1, "fetch_asset": assets, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1,
                     **sentiment, **toxicity}
@@ -94,11 +95,13 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     # toxicity: the base, the toxic model, and both removals at every alpha, with scores in range
     table4 = pd.read_csv(tmp_path / "figures" / "toxicity" / "table4_toxicity.csv")
     smoke = yaml.safe_load((ROOT / "workflow/config/smoke.yaml").read_text())["toxicity"]
-    for method in ("task arithmetic", "Eq. 13 (ours)"):
-        assert sorted(table4.loc[table4.model == method, "alpha"]) == sorted(smoke["alphas"])
+    removals = table4[table4["alpha"].notna()]
+    assert len(removals) == len(smoke["alphas"]) * (1 + len(smoke["deltas"]))
+    for _, curve in removals.groupby("model"):
+        assert sorted(curve["alpha"]) == sorted(smoke["alphas"])
     assert table4[["100 x avg. toxicity", "% toxic"]].apply(lambda c: c.between(0, 100)).all().all()
     assert (table4["PPL"] > 1).all()
-    assert len(pd.read_csv(tmp_path / "figures" / "toxicity" / "generations.csv")) == 3 * 4
+    assert len(pd.read_csv(tmp_path / "figures" / "toxicity" / "generations.csv")) == 3 * (3 + len(smoke["deltas"]))
 
     # a second run has nothing to do; rerunning the figure rules (models kept) gives identical bytes
     tracked = ("linear", "data", "sentiment", "toxicity")

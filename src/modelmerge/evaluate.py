@@ -92,7 +92,8 @@ def perplexity(model: nn.Module, batches: Sequence[Mapping[str, Tensor]]) -> flo
         targets = label_targets("causal_lm", b)
         nll += float(per_example_nll("causal_lm", logits, targets).sum())
         tokens += int((targets[:, 1:] != -100).sum())
-    return float(np.exp(nll / max(tokens, 1)))
+    with np.errstate(over="ignore"):  # a broken model's perplexity is inf, not an error
+        return float(np.exp(nll / max(tokens, 1)))
 
 
 @torch.no_grad()

@@ -79,11 +79,13 @@ def toxicity_pretrained(source: str, out_dir: str, smollm2_dir: str, data_dir: s
 
 
 def text_sample(path: str | os.PathLike, limit: int, seed: int) -> list[str]:
-    """The texts of a prepared toxicity set: a seeded subsample of at most ``limit`` (all if smaller), in set order."""
+    """A seeded subsample of at most ``limit`` texts of a prepared set (all if smaller), in set order, with every
+    whitespace run collapsed to one space (some tweets carry carriage returns, which would otherwise become a
+    token the toxic set and the generic set see at very different rates)."""
     df = pd.read_parquet(path)
     if limit < len(df):
         df = df.sample(n=limit, random_state=seed).sort_index()
-    return df["text"].tolist()
+    return [" ".join(t.split()) for t in df["text"]]
 
 
 def toxicity_curvature(
@@ -109,14 +111,28 @@ def toxicity_curvature(
     return f"{Path(texts_path).stem}: N = {fisher.n}, {time.perf_counter() - start:.1f} s on {default_device()}"
 
 
-def parse_variant(variant: str) -> tuple[str, float | None]:
-    """'base' | 'toxic' | 'ta_<alpha>' | 'eq13_<alpha>' -> (method, alpha)."""
+def parse_variant(variant: str) -> tuple[str, float | None, str | None]:
+    """'base' | 'toxic' | 'ta_<alpha>' | 'eq13_<alpha>_<delta>' -> (method, alpha, delta label)."""
     if variant in ("base", "toxic"):
-        return variant, None
-    method, _, alpha = variant.partition("_")
-    if method not in TOXICITY_METHODS or not alpha:
-        raise ValueError(f"unknown variant {variant!r}: expected base, toxic, ta_<alpha> or eq13_<alpha>")
-    return method, float(alpha)
+        return variant, None, None
+    method, *rest = variant.split("_")
+    try:
+        if method == "ta" and len(rest) == 1:
+            return method, float(rest[0]), None
+        if method == "eq13" and len(rest) == 2 and rest[1]:
+            return method, float(rest[0]), rest[1]
+    except ValueError:
+        pass
+    raise ValueError(f"unknown variant {variant!r}: expected base, toxic, ta_<alpha> or eq13_<alpha>_<delta>")
+
+
+def resolve_delta(label: str, rest_curvature: dict, names) -> float:
+    """Eq. 13's delta: a number, or ``"<c>mean"``: c times the mean diagonal entry of H_rest over ``names``."""
+    if not label.endswith("mean"):
+        return float(label)
+    factor = float(label[: -len("mean")] or 1.0)
+    total = sum(float(rest_curvature[n].double().sum()) for n in names)
+    return factor * total / sum(rest_curvature[n].numel() for n in names)
 
 
 def toxicity_removal(
@@ -175,7 +191,7 @@ def generation_report(
 
 def toxicity_variant(
     variant: str, models_dir: str, curvature_dir: str, data_dir: str, out_json: str, *, set_sizes: dict[str, int],
-    delta: float, eval_config: dict, threads: int = 1,
+    eval_config: dict, threads: int = 1,
 ) -> str:
     """Build one row of the Table 4 analog (base, toxic model, or a removal at one alpha), evaluate it, write JSON."""
     import json
@@ -189,7 +205,8 @@ def toxicity_variant(
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    method, alpha = parse_variant(variant)
+    method, alpha, delta_label = parse_variant(variant)
+    delta = None
     model, tokenizer = load_causal_lm(Path(models_dir) / "base")
     if method == "toxic":
         load_tied_state(model, load_state_dict(Path(models_dir) / "toxic" / "model.safetensors"))
@@ -202,12 +219,13 @@ def toxicity_variant(
             f_task = DiagonalFisher.load(Path(curvature_dir) / "toxic.fisher.safetensors")
             rest = {k: v * set_sizes["generic"] for k, v in f_rest.mean().items()}
             task = {k: v * set_sizes["toxic"] for k, v in f_task.mean().items()}
-        load_tied_state(model, toxicity_removal(base, toxic, method, alpha, rest, task, delta))
+            delta = resolve_delta(delta_label, rest, list(base))
+        load_tied_state(model, toxicity_removal(base, toxic, method, alpha, rest, task, delta or 0.0))
     cfg = dict(eval_config)
     prompts = text_sample(Path(data_dir) / "prompts.parquet", cfg.pop("n_prompts"), cfg["seed"])
     heldout = text_sample(Path(data_dir) / "heldout.parquet", cfg.pop("n_perplexity"), cfg["seed"])
     report = generation_report(model, tokenizer, prompts, heldout, **cfg)
-    report = {"variant": variant, "method": method, "alpha": alpha, "delta": delta if method == "eq13" else None,
+    report = {"variant": variant, "method": method, "alpha": alpha, "delta_label": delta_label, "delta": delta,
               **report, "seconds": time.perf_counter() - start}
     atomic_write_text(out_json, json.dumps(report, indent=1) + "\n")
     return (f"{variant}: toxicity {report['100 x avg. toxicity']:.2f}, {report['% toxic']:.1f}% toxic, "

@@ -3,7 +3,9 @@
 TOX = config["toxicity"]
 TOX_DIR = f"{RESULTS}/toxicity"
 TOX_DATA = f"{DATA}/prepared/toxicity"
-TOX_VARIANTS = ["base", "toxic", *(f"{m}_{a:g}" for m in ("ta", "eq13") for a in TOX["alphas"])]
+TOX_DELTAS = [d if isinstance(d, str) else f"{d:g}" for d in TOX["deltas"]]
+TOX_VARIANTS = ["base", "toxic", *(f"ta_{a:g}" for a in TOX["alphas"]),
+                *(f"eq13_{a:g}_{d}" for d in TOX_DELTAS for a in TOX["alphas"])]
 
 
 def toxicity_outputs() -> list[str]:
@@ -119,7 +121,7 @@ rule toxicity_evaluate:
         set_sizes = {s: len(pd.read_parquet(f"{TOX_DATA}/{s}.parquet")) for s in ("generic", "toxic")}
         summary = toxicity_variant(
             wildcards.variant, f"{TOX_DIR}/models", f"{TOX_DIR}/curvature", TOX_DATA, output[0],
-            set_sizes=set_sizes, delta=TOX["delta"], eval_config=TOX["evaluation"] | {"seed": TOX["seed"],
+            set_sizes=set_sizes, eval_config=TOX["evaluation"] | {"seed": TOX["seed"],
             "max_length": TOX["max_length"]}, threads=threads,
         )
         Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,8 @@ rule toxicity_report:
             "eval_dir": f"{TOX_DIR}/eval",
             "out_dir": f"{FIGURES}/toxicity",
             "pretrained": TOX["pretrained"],
-            **{k: TOX[k] for k in ("alphas", "delta", "curvature_examples", "train")},
+            "deltas": TOX_DELTAS,
+            **{k: TOX[k] for k in ("alphas", "curvature_examples", "train")},
             **{k: TOX["evaluation"][k] for k in ("scorer", "threshold", "prefix", "max_new_tokens", "top_p")},
         }),
     retries: NOTEBOOK_RETRIES
