@@ -10,7 +10,8 @@ TOX_VARIANTS = ["base", "toxic", *(f"ta_{a:g}" for a in TOX["alphas"]),
 
 def toxicity_outputs() -> list[str]:
     """Every tracked output of the toxicity experiment."""
-    return [*table_files("toxicity", "table4_toxicity"), *table_files("toxicity", "generations"),
+    return [*table_files("toxicity", "table4_toxicity"), *table_files("toxicity", "matched_perplexity"),
+            *table_files("toxicity", "generations"),
             *figure_files("toxicity", "toxicity_perplexity")]
 
 
