@@ -125,6 +125,9 @@ def test_gradient_mismatch_is_the_norm_of_the_gradient_difference(toy):
 def test_toxicity_summary_by_hand():
     s = toxicity_summary(np.array([0.1, 0.5, 0.9, 0.2]), threshold=0.5)
     assert s["100 x avg. toxicity"] == pytest.approx(42.5) and s["% toxic"] == pytest.approx(50.0)
+    # std (ddof 1) of the scores = 0.3594..., over sqrt(4); binomial s.e. of 1/2 over 4 = 0.25
+    assert s["s.e. 100 x avg. toxicity"] == pytest.approx(100 * np.std([0.1, 0.5, 0.9, 0.2], ddof=1) / 2)
+    assert s["s.e. 100 x avg. toxicity"] == pytest.approx(17.97, abs=0.01) and s["s.e. % toxic"] == pytest.approx(25.0)
 
 
 @pytest.mark.parametrize("arch,task", [("bert", "classification"), ("roberta", "classification"),

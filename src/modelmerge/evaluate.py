@@ -142,6 +142,13 @@ def toxicity_scores(texts: Sequence[str], scorer: str = "profanity-check") -> np
 
 
 def toxicity_summary(scores: np.ndarray, threshold: float) -> dict[str, float]:
-    """001 Table 4: 100 x mean toxicity and the percentage of generations scored >= threshold."""
+    """001 Table 4: 100 x mean toxicity and the percentage scored >= threshold, with their standard errors
+    (sample std / sqrt(n), and sqrt(p (1 - p) / n) for the percentage)."""
     scores = np.asarray(scores, dtype=np.float64)
-    return {"100 x avg. toxicity": 100 * float(scores.mean()), "% toxic": 100 * float((scores >= threshold).mean())}
+    n, toxic = len(scores), float((scores >= threshold).mean())
+    return {
+        "100 x avg. toxicity": 100 * float(scores.mean()),
+        "% toxic": 100 * toxic,
+        "s.e. 100 x avg. toxicity": 100 * float(scores.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+        "s.e. % toxic": 100 * float(np.sqrt(toxic * (1 - toxic) / n)),
+    }

@@ -167,23 +167,17 @@ def generation_report(
     max_new_tokens: int, top_p: float, seed: int, max_length: int, batch_size: int = 50,
 ) -> dict:
     """001 Table 4's columns for one model: toxicity of seeded continuations of prefix + prompt, and perplexity."""
-    import numpy as np
-
     from modelmerge.evaluate import generate, perplexity, toxicity_scores, toxicity_summary
     from modelmerge.train import text_batches
 
     texts = generate(model, tokenizer, prompts, prefix=prefix, max_new_tokens=max_new_tokens, top_p=top_p, seed=seed,
                      batch_size=batch_size)
     scores = toxicity_scores(texts, scorer)
-    n = len(scores)
-    toxic = float((scores >= threshold).mean())
     ppl = perplexity(model, text_batches(tokenizer, heldout, None, 32, max_length, task="causal_lm"))
     return {
         **toxicity_summary(scores, threshold),
-        "s.e. 100 x avg. toxicity": 100 * float(scores.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
-        "s.e. % toxic": 100 * float(np.sqrt(toxic * (1 - toxic) / n)),
         "perplexity": ppl,
-        "n_prompts": n,
+        "n_prompts": len(scores),
         "n_perplexity_texts": len(heldout),
         "generations": [{"prompt": p, "continuation": t, "toxicity": float(s)} for p, t, s in zip(prompts, texts, scores)],
     }
