@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from modelmerge.experiments import load_tied_state, parse_variant, resolve_delta, text_sample, toxicity_removal
+from modelmerge.experiments.toxicity import load_tied_state, parse_variant, resolve_delta, text_sample, toxicity_removal
 from modelmerge.models import tiny_model
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -80,7 +80,31 @@ def finetune(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict:
-    """Fine-tune ``model`` in place; returns metrics (loss per step, seconds, examples, steps, config)."""
+    """Fine-tune ``model`` in place on texts; returns metrics (loss per step, seconds, examples, steps, config)."""
+
+    def epoch_batches(epoch: int) -> list[dict[str, Tensor]]:
+        return text_batches(tokenizer, texts, labels, config.batch_size, config.max_length, True, config.seed + epoch, task)
+
+    return finetune_batches(model, epoch_batches, math.ceil(len(texts) / config.batch_size), len(texts), config, task,
+                            penalty_curvature, device, progress)
+
+
+def finetune_batches(
+    model: nn.Module,
+    epoch_batches: Callable[[int], Iterable[Mapping]],
+    batches_per_epoch: int,
+    examples: int,
+    config: TrainConfig,
+    task: str = "classification",
+    penalty_curvature: Mapping[str, Tensor] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
+    """The loop of ``finetune`` over ``epoch_batches(epoch)`` (any inputs: texts, images, several tasks).
+
+    A batch may carry ``"task"``: the name of the head the model scores it with (``EncoderClassifier.set_task``),
+    which is how one run trains a multitask model.
+    """
     if config.optimizer not in ("adamw", "adam_penalty"):
         raise ValueError(f"optimizer must be 'adamw' or 'adam_penalty', got {config.optimizer!r}")
     from transformers import get_linear_schedule_with_warmup
@@ -93,17 +117,19 @@ def finetune(
     h0 = {n: penalty_curvature[n].to(device) for n in params} if penalty_curvature is not None else None
     decay = config.weight_decay if config.optimizer == "adamw" else 0.0
     opt = torch.optim.AdamW(params.values(), lr=config.lr, betas=(0.9, 0.999), weight_decay=decay)
-    n_batches = math.ceil(len(texts) / config.batch_size)
-    total = max(1, round(config.epochs * n_batches))
+    total = max(1, round(config.epochs * batches_per_epoch))
     sched = get_linear_schedule_with_warmup(opt, min(config.warmup_steps, total // 2), total)
     losses, step, epoch = [], 0, 0
     start = time.perf_counter()
     bar = tqdm(total=total, desc="fine-tuning", disable=not progress, mininterval=2.0)
     while step < total:
-        for batch in text_batches(tokenizer, texts, labels, config.batch_size, config.max_length, True,
-                                  config.seed + epoch, task):
+        for batch in epoch_batches(epoch):
             if step >= total:
                 break
+            batch = dict(batch)
+            head = batch.pop("task", None)
+            if head is not None:
+                model.set_task(head)
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = mean_loss(model, batch, task)
             opt.zero_grad(set_to_none=True)
@@ -128,7 +154,7 @@ def finetune(
     return {
         "losses": losses,
         "seconds": time.perf_counter() - start,
-        "examples": len(texts),
+        "examples": examples,
         "steps": step,
         "device": str(device),
         "config": asdict(config),

