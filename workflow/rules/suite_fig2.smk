@@ -1,0 +1,35 @@
+# Experiment on the suite: 001 Fig. 2 left, gradient matching against task arithmetic as alpha varies (Sec. 4.2).
+SUITE_GM = SUITE["gradient_matching"]
+
+
+def suite_fig2_outputs() -> list[str]:
+    """The tracked figure and table of the experiment."""
+    return [*figure_files(SUITE_NAME, "fig2_left_alpha"), *table_files(SUITE_NAME, "fig2_left_alpha")]
+
+
+rule suite_fig2:
+    """Merge the eight task models with TA and Eq. 12 (H_t = F_avg, H_0 = c I) at every alpha; score them."""
+    input:
+        notebook="notebooks/suite_fig2.ipynb",
+        models=[suite_model_file(m) for m in ["pretrained", *SUITE_MODELS]],
+        fishers=[f"{SUITE_DIR}/curvature/{t}/fisher_train.safetensors" for t in SUITE_TASKS],
+        library=LIBRARY,
+    output:
+        suite_fig2_outputs(),
+    log:
+        notebook=f"{RESULTS}/logs/{SUITE_NAME}/fig2.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/{SUITE_NAME}/fig2.tsv"
+    threads: 2
+    params:
+        notebook=notebook_parameters({
+            "tasks": SUITE_TASKS,
+            "suite_dir": SUITE_DIR,
+            "data_dir": SUITE_DATA,
+            "out_dir": f"{FIGURES}/{SUITE_NAME}",
+            **SUITE_GM,
+            **{k: SUITE[k] for k in ("max_length", "seed")},
+        }),
+    retries: NOTEBOOK_RETRIES
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
