@@ -40,9 +40,19 @@ def test_every_configuration_dry_runs_the_whole_dag(config):
     toxicity = {"toxicity_pretrained": 1, "toxicity_model": 1, "toxicity_curvature": 2, "toxicity_report": 1,
                 # base, toxic, then per alpha TA and Eq. 13 for every delta
                 "toxicity_evaluate": 2 + len(tox["alphas"]) * (1 + len(tox["deltas"]))}
+    n_tasks = len(yaml.safe_load(config.read_text())["suite"]["tasks"])
+    suite = {"suite_data": 1, "suite_pretrained": 1, "suite_model": n_tasks + 1, "suite_curvature": n_tasks,
+             "suite_report": 1, "suite_fig2": 1}
     assets = 4 if config.stem == "default" else 2  # the default run also fetches MiniLM and SmolLM2
     assert jobs == {"all": 1, "fetch_asset": assets, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1,
-                    **sentiment, **toxicity}
+                    **sentiment, **toxicity, **suite}
+
+
+def test_an_unknown_suite_task_is_refused_by_name(tmp_path):
+    text = (ROOT / "workflow/config/smoke.yaml").read_text().replace("drug_condition]", "drug_condition, imagenet]", 1)
+    (tmp_path / "bad.yaml").write_text(text)
+    proc = snakemake("-n", "--configfile", str(tmp_path / "bad.yaml"), check=False)
+    assert proc.returncode != 0 and "imagenet" in proc.stdout + proc.stderr
 
 
 def test_schema_refuses_a_bad_configuration(tmp_path):
@@ -103,10 +113,29 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     assert (table4["PPL"] > 1).all()
     assert len(pd.read_csv(tmp_path / "figures" / "toxicity" / "generations.csv")) == 3 * (3 + len(smoke["deltas"]))
 
+    # suite: every task prepared with labels its frozen head covers, the reference rows, and the alpha sweep
+    suite = tmp_path / "figures" / "suite"
+    smoke_suite = yaml.safe_load((ROOT / "workflow/config/smoke.yaml").read_text())["suite"]
+    datasheet = pd.read_csv(suite / "datasheet.csv").set_index("task")
+    assert list(datasheet.index) == smoke_suite["tasks"]
+    for task in smoke_suite["tasks"]:
+        for split in ("train", "validation", "test"):
+            frame = pd.read_parquet(tmp_path / "results" / "data" / "prepared" / "suite" / task / f"{split}.parquet")
+            assert 0 < len(frame) == datasheet.loc[task, split] <= smoke_suite["caps"][split]
+            assert frame["label"].between(0, datasheet.loc[task, "classes"] - 1).all()
+    reference = pd.read_csv(suite / "individual_multitask.csv").set_index("model")
+    assert len(reference) == 4 and reference[[*smoke_suite["tasks"], "Avg."]].apply(lambda c: c.between(0, 100)).all().all()
+    assert reference.loc["Individual (each task's own model)", "normalised Avg."] == pytest.approx(100.0)
+    sweep = pd.read_csv(suite / "fig2_left_alpha.csv")
+    for method in ("task arithmetic", "gradient matching"):
+        assert sorted(sweep.loc[sweep.method == method, "alpha"]) == sorted(smoke_suite["gradient_matching"]["alphas"])
+    for kind in ("fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac"):
+        assert (tmp_path / "results" / "suite" / "curvature" / "airline" / f"{kind}.safetensors").is_file()
+
     # a second run has nothing to do; rerunning the figure rules (models kept) gives identical bytes
-    tracked = ("linear", "data", "sentiment", "toxicity")
+    tracked = ("linear", "data", "sentiment", "toxicity", "suite")
     before = {d: digest(tmp_path / "figures" / d) for d in tracked}
     assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(snakemake(*overrides))
     snakemake(*overrides, "--forcerun", "linear_theorem1", "linear_mismatch", "sentiment_merge",
-              "toxicity_evaluate", "toxicity_report")
+              "toxicity_evaluate", "toxicity_report", "suite_report", "suite_fig2")
     assert {d: digest(tmp_path / "figures" / d) for d in tracked} == before

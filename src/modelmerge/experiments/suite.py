@@ -28,17 +28,61 @@ MULTITASK = "multitask"
 
 # --- data ---------------------------------------------------------------------------------------------------------
 
+def suite_modality(tasks: Sequence[str]) -> str:
+    """"text" for the offline suite's tasks, "image" for the paper suite's; anything else (or a mix) is an error."""
+    from modelmerge.data.suite import SUITE_TASKS
+    from modelmerge.data.vision import VISION_TASKS
+
+    if all(t in SUITE_TASKS for t in tasks):
+        return "text"
+    if all(t in VISION_TASKS for t in tasks):
+        return "image"
+    unknown = [t for t in tasks if t not in SUITE_TASKS and t not in VISION_TASKS]
+    if unknown:
+        raise KeyError(f"unknown suite task(s) {unknown}; offline tasks: {list(SUITE_TASKS)}, "
+                       f"paper tasks: {sorted(VISION_TASKS)}")
+    raise ValueError(f"tasks {list(tasks)} mix the offline (text) and the paper (image) suite")
+
+
+def vision_suite_tasks(tasks: Sequence[str], *, seed: int, validation: float, caps: Mapping[str, int]) -> tuple[dict, dict]:
+    """(task -> split -> frame with encoded image bytes and label, task -> class names) from the hub (paper suite)."""
+    import datasets
+
+    from modelmerge.data.suite import cap_splits
+    from modelmerge.data.vision import class_names, load_vision_task
+
+    splits, classes = {}, {}
+    for task in tasks:
+        parts = load_vision_task(task, seed=seed, validation_fraction=validation)
+        frames = {}
+        for split, ds in parts.items():
+            ds = ds.cast_column("image", datasets.Image(decode=False))
+            if len(ds) > caps[split]:
+                idx = np.sort(np.random.default_rng(seed).choice(len(ds), caps[split], replace=False))
+                ds = ds.select(idx.tolist())
+            frames[split] = ds.to_pandas()[["image", "label"]]
+        splits[task], classes[task] = cap_splits(frames, caps, seed), class_names(task)
+    return splits, classes
+
+
 def prepare_suite_data(
     tasks: Sequence[str], tweets_csv: str, drugs_zip: str, data_dir: str, *, seed: int, validation: float, test: float,
     caps: Mapping[str, int], min_condition: int,
 ) -> tuple[dict, dict]:
-    """Write ``data_dir/<task>/{train,validation,test}.parquet`` and ``data_dir/classes.json``; return (splits, classes)."""
+    """Write ``data_dir/<task>/{train,validation,test}.parquet`` and ``data_dir/classes.json``; return (splits, classes).
+
+    Offline tasks come from the packaged corpora (``data.suite``); paper tasks from the hub (``data.vision``, images
+    kept encoded in the parquet files, ``test`` unused: the hub fixes the test split).
+    """
     from modelmerge.data import read_tweets, write_splits
     from modelmerge.data.suite import read_drug_table, suite_tasks
     from modelmerge.io import atomic_write_text
 
-    splits, classes = suite_tasks(read_tweets(tweets_csv), read_drug_table(drugs_zip), tasks, seed=seed,
-                                  validation=validation, test=test, caps=caps, min_condition=min_condition)
+    if suite_modality(tasks) == "image":
+        splits, classes = vision_suite_tasks(tasks, seed=seed, validation=validation, caps=caps)
+    else:
+        splits, classes = suite_tasks(read_tweets(tweets_csv), read_drug_table(drugs_zip), tasks, seed=seed,
+                                      validation=validation, test=test, caps=caps, min_condition=min_condition)
     for task, parts in splits.items():
         write_splits(parts, Path(data_dir) / task)
     atomic_write_text(Path(data_dir) / "classes.json", json.dumps(classes, indent=1) + "\n")
@@ -48,18 +92,27 @@ def prepare_suite_data(
 def suite_datasheet_table(splits: Mapping, classes: Mapping, assets: Mapping, stem: str) -> str:
     """The datasheet of the offline suite (source, licence, classes, split sizes), saved as a table; returns it."""
     from modelmerge.data.suite import TWEET_TASKS, suite_datasheet
+    from modelmerge.data.vision import VISION_TASKS
     from modelmerge.report import save_table
 
     def asset(name: str) -> str:
         return f"{assets[name]['package']}=={assets[name]['version']}"
 
-    sources = {t: f"{asset('tweets')}: tweets matching the '{t}' keyword rule, 3-class sentiment" if t in TWEET_TASKS
-               else f"{asset('drugs')}: drug reviews, {'rating polarity' if t == 'drug_polarity' else 'condition treated'}"
-               for t in splits}
-    licences = {t: assets["tweets" if t in TWEET_TASKS else "drugs"]["licence"] for t in splits}
+    if suite_modality(list(splits)) == "image":
+        sources = {t: f"hub {VISION_TASKS[t].path}" for t in splits}
+        licences = {t: "see the dataset card on the hub" for t in splits}
+        what = "The paper suite (002/003/004's eight image tasks)"
+    else:
+        sources = {t: f"{asset('tweets')}: tweets matching the '{t}' keyword rule, 3-class sentiment" if t in TWEET_TASKS
+                   else f"{asset('drugs')}: drug reviews, {'rating polarity' if t == 'drug_polarity' else 'condition treated'}"
+                   for t in splits}
+        licences = {t: assets["tweets" if t in TWEET_TASKS else "drugs"]["licence"] for t in splits}
+        what = "The offline eight-task suite"
     sheet = suite_datasheet(splits, classes, sources, licences)
+    if sheet["class names"].str.len().max() > 200:  # SUN397's 397 names do not belong in a table cell
+        sheet["class names"] = [", ".join(classes[t][:5]) + (", ..." if len(classes[t]) > 5 else "") for t in splits]
     save_table(sheet, stem, floatfmt=".1f", caption=(
-        "The offline eight-task suite: every task's source, licence, classes and seeded split sizes (splits capped "
+        f"{what}: every task's source, licence, classes and seeded split sizes (splits capped "
         "as configured); the majority-class share of the test split is the accuracy of always guessing it."))
     return sheet.drop(columns=["class names"]).to_string()
 
@@ -80,9 +133,14 @@ def split_frame_of(data_dir: str | os.PathLike, task: str, split: str, limit: in
 # --- models --------------------------------------------------------------------------------------------------------
 
 def load_encoder(folder: str | os.PathLike):
-    """(encoder without pooler, tokenizer) from a ``save_pretrained`` folder or a hub name."""
-    from transformers import AutoModel, AutoTokenizer
+    """(encoder, its tokenizer or image processor) from a ``save_pretrained`` folder or a hub name: a text encoder
+    without pooler, or a CLIP vision tower with its projection."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    if AutoConfig.from_pretrained(str(folder)).model_type in ("clip", "clip_vision_model"):
+        from modelmerge.clip import load_clip_vision
+
+        return load_clip_vision(folder)
     try:
         encoder = AutoModel.from_pretrained(str(folder), add_pooling_layer=False)
     except TypeError:  # architectures without a pooler
@@ -91,7 +149,8 @@ def load_encoder(folder: str | os.PathLike):
 
 
 def suite_pretrained(source: str, out_dir: str, minilm_dir: str, data_dir: str, seed: int = 0) -> None:
-    """Save the pretrained encoder: the packaged MiniLM, a tiny random BERT (smoke), or a hub model (paper text)."""
+    """Save the pretrained encoder: the packaged MiniLM, a tiny random BERT (smoke), or a hub model (a text encoder,
+    or CLIP, whose vision tower with its projection is kept: the paper suite)."""
     from modelmerge.models import save_checkpoint, tiny_model, train_tokenizer
 
     torch.manual_seed(seed)
@@ -107,32 +166,67 @@ def suite_pretrained(source: str, out_dir: str, minilm_dir: str, data_dir: str, 
 
 def batches_of(tokenizer, frame: pd.DataFrame, batch_size: int, max_length: int, shuffle: bool = False,
                seed: int = 0) -> list[dict[str, Tensor]]:
-    """Tokenised classification batches of a split frame (text, label)."""
+    """Classification batches of a split frame: tokenised texts (text, label) or processed images (image, label;
+    a lazy sequence, each batch preprocessed when read)."""
     from modelmerge.train import text_batches
 
+    if "image" in frame.columns:
+        from modelmerge.clip import image_batches
+
+        if shuffle:
+            frame = frame.iloc[np.random.default_rng(seed).permutation(len(frame))]
+        return image_batches(tokenizer, frame["image"].tolist(), frame["label"].tolist(), batch_size)
     return text_batches(tokenizer, frame["text"].tolist(), frame["label"].tolist(), batch_size, max_length, shuffle, seed)
 
 
 def fit_heads(
     pretrained_dir: str, data_dir: str, heads_dir: str, tasks: Sequence[str], *, max_length: int, l2: float,
-    threads: int = 1,
+    threads: int = 1, clip_source: str | None = None,
 ) -> pd.DataFrame:
-    """One linear probe per task on the pretrained encoder's features of its training split; saved; returns accuracies."""
+    """One frozen head per task, saved; returns each head's validation accuracy on the pretrained encoder.
+
+    Text: a linear probe on the pretrained encoder's features of the task's training split. Image (paper): the
+    zero-shot head of the full CLIP ``clip_source`` (class names x templates through the text tower).
+    """
     torch.set_num_threads(threads)
     encoder, tokenizer = load_encoder(pretrained_dir)
+    encoder.to(device())
     classes = read_classes(data_dir)
+    image = encoder.config.model_type.startswith("clip")
+    if image:
+        from modelmerge.clip import load_clip_vision
+
+        if clip_source is None:
+            raise ValueError("fit_heads: a CLIP encoder needs clip_source (the full CLIP whose text tower makes the "
+                             "zero-shot heads)")
+        tower = load_clip_vision(clip_source)[0].state_dict()
+        if any(not torch.equal(v.cpu(), tower[k]) for k, v in encoder.state_dict().items()):
+            raise ValueError(f"fit_heads: the vision tower of clip_source {clip_source!r} is not the pretrained encoder "
+                             f"in {pretrained_dir}: its zero-shot heads would not fit the encoder")
     rows = []
     for task in tasks:
         train, val = (split_frame_of(data_dir, task, s) for s in ("train", "validation"))
         placeholder = {task: LinearHead(torch.zeros(len(classes[task]), 1))}
-        model = EncoderClassifier(encoder, placeholder)
-        x = encode(model, batches_of(tokenizer, train, 64, max_length))
-        head = fit_linear_probe(x, train["label"].to_numpy(), len(classes[task]), l2=l2, classes=classes[task])
+        model = EncoderClassifier(encoder, placeholder, pooling="clip" if image else "mean")
+        if image:
+            from modelmerge.clip import zero_shot_head
+            from modelmerge.data.vision import templates
+
+            head = zero_shot_head(clip_source, classes[task], templates(task), device=device())
+        else:
+            x = encode(model, batches_of(tokenizer, train, 64, max_length))
+            head = fit_linear_probe(x, train["label"].to_numpy(), len(classes[task]), l2=l2, classes=classes[task])
+        check_head(task, head, train["label"].to_numpy())
         xv = encode(model, batches_of(tokenizer, val, 64, max_length))
         acc = float((head(xv).argmax(-1).numpy() == val["label"].to_numpy()).mean())
         head.save(Path(heads_dir) / f"{task}.safetensors")
         rows.append({"task": task, "classes": head.num_classes, "train examples": len(train), "validation accuracy": acc})
     return pd.DataFrame(rows)
+
+
+def device() -> torch.device:
+    """CUDA when there is a GPU (fine-tuning, curvature and scoring run there), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_head(task: str, head: LinearHead, labels: np.ndarray) -> None:
@@ -149,20 +243,22 @@ def load_suite_model(pretrained_dir: str, heads_dir: str, tasks: Sequence[str], 
     missing = [t for t in tasks if not (Path(heads_dir) / f"{t}.safetensors").exists()]
     if missing:
         raise FileNotFoundError(f"no head for task(s) {missing} in {heads_dir}")
-    model = EncoderClassifier(encoder, {t: LinearHead.load(Path(heads_dir) / f"{t}.safetensors") for t in tasks})
+    pooling = "clip" if encoder.config.model_type.startswith("clip") else "mean"
+    model = EncoderClassifier(encoder, {t: LinearHead.load(Path(heads_dir) / f"{t}.safetensors") for t in tasks}, pooling)
     if encoder_path is not None:
         model.load_encoder_state(load_state_dict(encoder_path))
-    return model.eval(), tokenizer
+    return model.to(device()).eval(), tokenizer
 
 
 def multitask_batches(tokenizer, frames: Mapping[str, pd.DataFrame], batch_size: int, max_length: int, seed: int):
     """epoch -> every task's shuffled batches, each tagged with its task, in a seeded interleaved order."""
 
     def epoch_batches(epoch: int) -> list[dict]:
-        tagged = [{**b, "task": task} for i, (task, f) in enumerate(frames.items())
-                  for b in batches_of(tokenizer, f, batch_size, max_length, True, seed + 1000 * epoch + i)]
-        order = np.random.default_rng(seed + epoch).permutation(len(tagged))
-        return [tagged[i] for i in order]
+        per_task = {task: batches_of(tokenizer, f, batch_size, max_length, True, seed + 1000 * epoch + i)
+                    for i, (task, f) in enumerate(frames.items())}
+        slots = [(task, j) for task, bs in per_task.items() for j in range(len(bs))]
+        order = np.random.default_rng(seed + epoch).permutation(len(slots))
+        return [{**per_task[slots[i][0]][slots[i][1]], "task": slots[i][0]} for i in order]
 
     return epoch_batches, sum(-(-len(f) // batch_size) for f in frames.values())
 
@@ -171,18 +267,25 @@ def multitask_batches(tokenizer, frames: Mapping[str, pd.DataFrame], batch_size:
 def split_logits(model: EncoderClassifier, batches: Mapping[str, list], ) -> dict[str, Tensor]:
     """task -> logits of its head on its batches (each input encoded once, whichever head scores it)."""
     out = {}
+    dev = next(model.encoder.parameters()).device
     for task, bs in batches.items():
         model.set_task(task)
-        out[task] = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in bs])
+        out[task] = torch.cat([model(**{k: v.to(dev) for k, v in b.items() if k != "labels"}).logits.float().cpu()
+                               for b in bs])
     return out
 
 
 def suite_finetune(
     name: str, tasks: Sequence[str], pretrained_dir: str, heads_dir: str, data_dir: str, out_dir: str, *,
     train: Mapping, max_length: int, eval_batch_size: int = 64, threads: int = 1, seed: int = 0,
+    released: str | None = None,
 ) -> dict:
     """Fine-tune the encoder on one task (``name``) or on all (``"multitask"``) with frozen heads; save the encoder,
-    its metrics, and the logits of every task's validation and test split."""
+    its metrics, and the logits of every task's validation and test split.
+
+    ``released`` (paper suite) takes a published fine-tuned vision tower instead of training one (FusionBench's
+    ``tanganke/clip-vit-base-patch32_<task>``: Ilharco et al.'s recipe), then scores and saves it the same way.
+    """
     from modelmerge.io import save_state_dict
     from modelmerge.models import save_checkpoint
     from modelmerge.train import TrainConfig, finetune_batches
@@ -197,9 +300,16 @@ def suite_finetune(
     for t, f in frames.items():
         check_head(t, model.heads[t], f["label"].to_numpy())
     heads_before = {t: h.weight.clone() for t, h in model.heads.items()}
-    epoch_batches, per_epoch = multitask_batches(tokenizer, frames, config.batch_size, max_length, seed)
-    model.set_task(chosen[0])
-    metrics = finetune_batches(model, epoch_batches, per_epoch, sum(map(len, frames.values())), config, device="cpu")
+    if released is not None:
+        from modelmerge.clip import load_finetuned_vision_state
+
+        model.load_encoder_state(load_finetuned_vision_state(released, model.encoder))
+        metrics = {"released": released, "seconds": 0.0, "steps": 0, "losses": [None]}
+    else:
+        epoch_batches, per_epoch = multitask_batches(tokenizer, frames, config.batch_size, max_length, seed)
+        model.set_task(chosen[0])
+        metrics = finetune_batches(model, epoch_batches, per_epoch, sum(map(len, frames.values())), config,
+                                   device=device())
     if any(not torch.equal(heads_before[t], h.weight) for t, h in model.heads.items()):
         raise RuntimeError("a frozen head changed during fine-tuning")
     logits, accuracy = {}, {}
@@ -240,17 +350,17 @@ def suite_curvature(
     start = time.perf_counter()
     for kind, split, fisher in (("fisher_train", "train", "empirical"), ("fisher_validation", "validation", "empirical"),
                                 ("fisher_sampled", "train", "sampled")):
-        f = diagonal_fisher(model, batches[split], fisher=fisher, seed=seed, device="cpu",
+        f = diagonal_fisher(model, batches[split], fisher=fisher, seed=seed, device=device(),
                             data=f"{task} {split} ({len(data[split])} examples)")
         DiagonalFisher(_strip("encoder.", f.f_sum), f.n, f.meta).save(out / f"{kind}.safetensors")
         lines.append(f"{kind}: N = {f.n}")
     for kind, fisher in (("gram", "empirical"), ("kfac", "sampled")):
-        lf = layer_factors(model, batches["train"], kind=kind, fisher=fisher, seed=seed, device="cpu",
+        lf = layer_factors(model, batches["train"], kind=kind, fisher=fisher, seed=seed, device=device(),
                            data=f"{task} train ({len(data['train'])} examples)")
         LayerFactors(kind, _strip("encoder.", lf.A), _strip("encoder.", lf.B), _strip("encoder.", lf.in_axis), lf.n,
                      lf.meta).save(out / f"{kind}.safetensors")
         lines.append(f"{kind}: {len(lf.A)} layers, N = {lf.n}")
-    return f"{task}: " + "; ".join(lines) + f"; {time.perf_counter() - start:.1f} s on cpu"
+    return f"{task}: " + "; ".join(lines) + f"; {time.perf_counter() - start:.1f} s on {device()}"
 
 
 # --- scoring any encoder on any task -------------------------------------------------------------------------------
