@@ -102,7 +102,7 @@ def suite_datasheet(splits: Mapping[str, Mapping[str, pd.DataFrame]], classes: M
         test = parts["test"]["label"]
         rows.append({
             "task": task, "source": sources[task], "licence": licences[task], "classes": len(classes[task]),
-            "class names": ", ".join(classes[task]), **{s: len(parts[s]) for s in SPLITS},
+            "class names": "; ".join(classes[task]), **{s: len(parts[s]) for s in SPLITS},
             "majority class (test) %": round(100 * float(test.value_counts(normalize=True).max()), 1) if len(test) else float("nan"),
         })
     return pd.DataFrame(rows)

@@ -110,7 +110,7 @@ def suite_datasheet_table(splits: Mapping, classes: Mapping, assets: Mapping, st
         what = "The offline eight-task suite"
     sheet = suite_datasheet(splits, classes, sources, licences)
     if sheet["class names"].str.len().max() > 200:  # SUN397's 397 names do not belong in a table cell
-        sheet["class names"] = [", ".join(classes[t][:5]) + (", ..." if len(classes[t]) > 5 else "") for t in splits]
+        sheet["class names"] = ["; ".join(classes[t][:5]) + ("; ..." if len(classes[t]) > 5 else "") for t in splits]
     save_table(sheet, stem, floatfmt=".1f", caption=(
         f"{what}: every task's source, licence, classes and seeded split sizes (splits capped "
         "as configured); the majority-class share of the test split is the accuracy of always guessing it."))
@@ -127,6 +127,15 @@ def split_frame_of(data_dir: str | os.PathLike, task: str, split: str, limit: in
     df = pd.read_parquet(Path(data_dir) / task / f"{split}.parquet")
     if limit is not None and len(df) > limit:
         df = df.sample(n=limit, random_state=seed).sort_index().reset_index(drop=True)
+    return df
+
+
+def eval_frame(data_dir: str | os.PathLike, task: str, split: str) -> pd.DataFrame:
+    """A split in the order every score of the suite uses: texts by length (stable), so batches carry little padding;
+    images as stored."""
+    df = split_frame_of(data_dir, task, split)
+    if "text" in df.columns:
+        df = df.iloc[np.argsort(df["text"].str.len().to_numpy(), kind="stable")].reset_index(drop=True)
     return df
 
 
@@ -314,7 +323,7 @@ def suite_finetune(
         raise RuntimeError("a frozen head changed during fine-tuning")
     logits, accuracy = {}, {}
     for split in ("validation", "test"):
-        data = {t: split_frame_of(data_dir, t, split) for t in tasks}
+        data = {t: eval_frame(data_dir, t, split) for t in tasks}
         out = split_logits(model, {t: batches_of(tokenizer, f, eval_batch_size, max_length) for t, f in data.items()})
         for t in tasks:
             logits[f"{split}/{t}"] = out[t]
@@ -369,11 +378,10 @@ class SuiteEvaluator:
     """Scores encoder states on every task's validation or test split with the frozen heads."""
 
     def __init__(self, pretrained_dir: str, heads_dir: str, data_dir: str, tasks: Sequence[str], *, max_length: int,
-                 limits: Mapping[str, int | None] | None = None, batch_size: int = 64, seed: int = 0):
+                 batch_size: int = 64, seed: int = 0):
         self.tasks = list(tasks)
         self.model, self.tokenizer = load_suite_model(pretrained_dir, heads_dir, tasks)
-        limits = dict(limits or {})
-        self.frames = {s: {t: split_frame_of(data_dir, t, s, limits.get(s), seed) for t in tasks} for s in ("validation", "test")}
+        self.frames = {s: {t: eval_frame(data_dir, t, s) for t in tasks} for s in ("validation", "test")}
         self.batches = {s: {t: batches_of(self.tokenizer, f, batch_size, max_length) for t, f in fr.items()}
                         for s, fr in self.frames.items()}
         self.labels = {s: {t: f["label"].to_numpy() for t, f in fr.items()} for s, fr in self.frames.items()}
