@@ -190,7 +190,7 @@ rule suite_report:
             "suite_dir": SUITE_DIR,
             "data_dir": SUITE_DATA,
             "out_dir": f"{FIGURES}/{SUITE_NAME}",
-            **{k: SUITE[k] for k in ("max_length", "seed")},
+            "max_length": SUITE["max_length"],
         }),
     retries: NOTEBOOK_RETRIES
     shell:

@@ -28,7 +28,7 @@ rule suite_fig2:
             "data_dir": SUITE_DATA,
             "out_dir": f"{FIGURES}/{SUITE_NAME}",
             **SUITE_GM,
-            **{k: SUITE[k] for k in ("max_length", "seed")},
+            "max_length": SUITE["max_length"],
         }),
     retries: NOTEBOOK_RETRIES
     shell:

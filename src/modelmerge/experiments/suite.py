@@ -273,7 +273,7 @@ def multitask_batches(tokenizer, frames: Mapping[str, pd.DataFrame], batch_size:
 
 
 @torch.no_grad()
-def split_logits(model: EncoderClassifier, batches: Mapping[str, list], ) -> dict[str, Tensor]:
+def split_logits(model: EncoderClassifier, batches: Mapping[str, list]) -> dict[str, Tensor]:
     """task -> logits of its head on its batches (each input encoded once, whichever head scores it)."""
     out = {}
     dev = next(model.encoder.parameters()).device
@@ -378,7 +378,7 @@ class SuiteEvaluator:
     """Scores encoder states on every task's validation or test split with the frozen heads."""
 
     def __init__(self, pretrained_dir: str, heads_dir: str, data_dir: str, tasks: Sequence[str], *, max_length: int,
-                 batch_size: int = 64, seed: int = 0):
+                 batch_size: int = 64):
         self.tasks = list(tasks)
         self.model, self.tokenizer = load_suite_model(pretrained_dir, heads_dir, tasks)
         self.frames = {s: {t: eval_frame(data_dir, t, s) for t in tasks} for s in ("validation", "test")}
