@@ -18,6 +18,7 @@ include: "workflow/rules/sentiment.smk"
 include: "workflow/rules/toxicity.smk"
 include: "workflow/rules/suite.smk"
 include: "workflow/rules/suite_fig2.smk"
+include: "workflow/rules/mats.smk"
 
 
 rule all:
@@ -28,4 +29,5 @@ rule all:
         toxicity_outputs(),
         suite_outputs(),
         suite_fig2_outputs(),
+        mats_outputs(),
     default_target: True

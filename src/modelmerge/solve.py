@@ -18,12 +18,23 @@ class ConjugateGradient:
     """Conjugate gradients on tensors of any shape, with a fixed iteration budget.
 
     ``tol`` stops early once ||b - H x|| <= tol ||b|| (0 runs the whole budget, as MaTS does).
-    ``history[name]`` keeps the relative residuals ||b - H x_k|| / ||b|| for k = 0, 1, ... of every solve.
+    ``history[name]`` keeps the relative residuals ||b - H x_k|| / ||b|| for k = 0, 1, ... of every solve and
+    ``rhs_norm[name]`` its ||b||. ``keep`` lists iteration counts k whose iterate x_k is stored in
+    ``iterates[name][k]``, so one solve of ``max_iter`` iterations yields every shorter budget too (a solve that
+    stops early stores its final x for the remaining k: more iterations would not move it).
     """
 
     max_iter: int = 100
     tol: float = 0.0
+    keep: tuple[int, ...] = ()
     history: dict[str, list[float]] = field(default_factory=dict)
+    rhs_norm: dict[str, float] = field(default_factory=dict)
+    iterates: dict[str, dict[int, Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.keep = tuple(sorted(set(int(k) for k in self.keep)))
+        if self.keep and (self.keep[0] < 0 or self.keep[-1] > self.max_iter):
+            raise ValueError(f"keep must lie in [0, max_iter = {self.max_iter}], got {self.keep}")
 
     def __call__(self, mv: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None, name: str = "?") -> Tensor:
         """argmin_x 1/2 x^T H x - b^T x, i.e. H x = b, from x0 (zeros by default)."""
@@ -32,8 +43,9 @@ class ConjugateGradient:
         b_norm = float(b.norm()) or 1.0
         rs = _dot(r, r)
         hist = [float(rs.sqrt()) / b_norm]
+        kept: dict[int, Tensor] = {0: x.clone()} if 0 in self.keep else {}
         p = r.clone()
-        for _ in range(self.max_iter):
+        for it in range(1, self.max_iter + 1):
             if hist[-1] <= self.tol or float(rs) == 0.0:
                 break
             hp = mv(p)
@@ -47,5 +59,30 @@ class ConjugateGradient:
             hist.append(float(rs_new.sqrt()) / b_norm)
             p = r + (rs_new / rs) * p
             rs = rs_new
+            if it in self.keep:
+                kept[it] = x.clone()
+        for k in self.keep:
+            kept.setdefault(k, x)
         self.history[name] = hist
+        self.rhs_norm[name] = float(b.norm())
+        if self.keep:
+            self.iterates[name] = kept
         return x
+
+
+def total_relative_residual(solver: ConjugateGradient) -> list[float]:
+    """||b - A x_k|| / ||b|| over every parameter solved together, k = 0, 1, ... (002 App. G's system error).
+
+    Parameters are independent blocks of one linear system, so the total residual norm is the root of the sum
+    of squared block residuals; a block whose solve stopped early keeps its last residual.
+    """
+    names = [n for n in solver.history if solver.rhs_norm.get(n, 0.0) > 0]
+    if not names:
+        return []
+    length = max(len(solver.history[n]) for n in names)
+    total_b = sum(solver.rhs_norm[n] ** 2 for n in names) ** 0.5
+    out = []
+    for k in range(length):
+        sq = sum((solver.history[n][min(k, len(solver.history[n]) - 1)] * solver.rhs_norm[n]) ** 2 for n in names)
+        out.append(sq**0.5 / total_b)
+    return out

@@ -15,7 +15,7 @@ SUITE_DATA = f"{DATA}/prepared/{SUITE_NAME}"
 SUITE_TASKS = list(SUITE["tasks"])
 SUITE_MODALITY = suite_modality(SUITE_TASKS)  # "text" (offline tasks) or "image" (paper tasks); unknown names stop here
 SUITE_MODELS = [*SUITE_TASKS, "multitask"]
-SUITE_CURVATURE = ["fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac"]
+SUITE_CURVATURE = ["fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac_train", "kfac_validation", "kfac_sampled"]
 
 
 def suite_released(name: str) -> str | None:
@@ -148,7 +148,7 @@ rule suite_model:
 
 
 rule suite_curvature:
-    """Diagonal Fishers (empirical on train and on validation, sampled-label), RegMean Grams, K-FAC factors."""
+    """Diagonal and K-FAC Fishers (empirical on train and on validation, sampled-label on train), RegMean Grams."""
     input:
         model=f"{SUITE_DIR}/models/{{suite_task}}/model.safetensors",
         library=LIBRARY,

@@ -49,3 +49,32 @@ def mats(
         return solver(A.mv, b, x0, name)
 
     return merge_parameters(base, inputs, rule, out=out, desc="MaTS (conjugate gradients)")
+
+
+def merge_objective(
+    merged: StateDict,
+    models: Sequence[StateDict],
+    curvatures: Sequence[CurvatureSpec],
+    fallback: CurvatureSpec | Sequence[CurvatureSpec] = Identity(),
+) -> float:
+    """sum_m 1/2 (theta - theta_m)^T C_m (theta - theta_m), in float64: the quadratic MaTS minimises (002 Eq. 6).
+
+    Its minimiser is A^-1 b with A = sum_m C_m, b = sum_m C_m theta_m, so of two merges under the same C_m the
+    one with the smaller value solves the linear system better (002 Sec. 6.2 compares RegMean's closed form and
+    CG this way). ``curvatures`` and ``fallback`` are read as in ``mats``.
+    """
+    if len(curvatures) != len(models):
+        raise MergeInputError(None, f"got {len(curvatures)} curvatures for {len(models)} models")
+    fallbacks = list(fallback) if isinstance(fallback, Sequence) else [fallback] * len(models)
+    specs = [c if isinstance(c, Curvature) else WithFallback(c, f) for c, f in zip(curvatures, fallbacks)]
+    total = 0.0
+    for name in merged.keys():
+        theta = merged[name]
+        if not theta.is_floating_point():
+            continue
+        theta = theta.double()
+        for i, (model, spec) in enumerate(zip(models, specs)):
+            c = curvature_for(spec, name, theta, label=f"objective C_{i}")
+            d = theta - model[name].double()
+            total += 0.5 * float((d * c.mv(d)).sum())
+    return total

@@ -1,0 +1,110 @@
+# Experiment on the suite: MaTS, merging in task parameter subspaces (002 Sec. 6). Three rules: the initialisations
+# (tuned on validation data and saved), the long CG solves of Fig. 3 (whose first 100 iterations are two grid cells),
+# and everything else (Fig. 2 grid, Tables 1, 3, 4, 5, the second round). Target: `snakemake --cores 2 mats`.
+MATS = config["mats"]
+MATS_DIR = f"{RESULTS}/mats"
+MATS_INITS = ["average", "task_arithmetic", "ties", "diagonal_fisher_merging", "regmean"]
+
+
+def mats_outputs() -> list[str]:
+    """The tracked figures and tables of the experiment."""
+    return [
+        *figure_files("mats", "fig2_init_objective"), *table_files("mats", "fig2_init_objective"),
+        *figure_files("mats", "fig3_cg_iterations"), *table_files("mats", "fig3_cg_iterations"),
+        *[f for t in ("table1_multitask", "table3_flops", "table4_fisher", "table5_cost", "regmean_objective",
+                      "second_round") for f in table_files("mats", t)],
+    ]
+
+
+def mats_parameters(**extra) -> str:
+    return notebook_parameters({
+        "tasks": SUITE_TASKS, "suite_dir": SUITE_DIR, "data_dir": SUITE_DATA, "work_dir": MATS_DIR,
+        "fisher": MATS["fisher"], "fisher_floor_relative": MATS["fisher_floor"], "bf16": MATS["bf16"],
+        "max_length": SUITE["max_length"], **extra,
+    })
+
+
+MATS_SUITE_INPUTS = {
+    "models": [suite_model_file(m) for m in ["pretrained", *SUITE_MODELS]],
+    "curvature": [f for t in SUITE_TASKS for f in suite_curvature_files(t)],
+    "heads": suite_heads(),
+}
+
+
+rule mats_inits:
+    """Averaging, task arithmetic, TIES, diagonal Fisher merging and RegMean, tuned on validation data and saved."""
+    input:
+        notebook="notebooks/mats_inits.ipynb",
+        **MATS_SUITE_INPUTS,
+        library=LIBRARY,
+    output:
+        inits=[f"{MATS_DIR}/inits/{name}.safetensors" for name in MATS_INITS],
+        baselines=f"{MATS_DIR}/baselines.csv",
+        tuning=f"{MATS_DIR}/tuning.csv",
+        precision=f"{MATS_DIR}/precision.json",
+    log:
+        notebook=f"{RESULTS}/logs/mats/inits.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/mats/inits.tsv"
+    threads: 2
+    params:
+        notebook=mats_parameters(lambdas=MATS["lambdas"], ties_k=MATS["ties_k"], regmean_scales=MATS["regmean_scales"]),
+    retries: NOTEBOOK_RETRIES
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
+
+
+rule mats_iterations:
+    """Fig. 3: long CG solves from task arithmetic on the K-FAC and RegMean objectives, kept at every budget."""
+    input:
+        notebook="notebooks/mats_iterations.ipynb",
+        **MATS_SUITE_INPUTS,
+        inits=rules.mats_inits.output.inits,
+        baselines=rules.mats_inits.output.baselines,
+        library=LIBRARY,
+    output:
+        figure_files("mats", "fig3_cg_iterations"),
+        table_files("mats", "fig3_cg_iterations"),
+        curve=f"{MATS_DIR}/iterations.csv",
+        states=[f"{MATS_DIR}/from_task_arithmetic_{o}.safetensors" for o in ("regmean", "block_diagonal_fisher")],
+    log:
+        notebook=f"{RESULTS}/logs/mats/iterations.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/mats/iterations.tsv"
+    threads: 2
+    params:
+        notebook=mats_parameters(out_dir=f"{FIGURES}/mats", long_iterations=MATS["long_iterations"],
+                                 iterations=MATS["iterations"]),
+    retries: NOTEBOOK_RETRIES
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
+
+
+rule mats_merge:
+    """Fig. 2 (init x objective), Table 1, Table 4, the second round, RegMean's objective, Tables 3 and 5."""
+    input:
+        notebook="notebooks/mats.ipynb",
+        **MATS_SUITE_INPUTS,
+        inits=rules.mats_inits.output,
+        curve=rules.mats_iterations.output.curve,
+        states=rules.mats_iterations.output.states,
+        library=LIBRARY,
+    output:
+        [f for f in mats_outputs() if "fig3_cg_iterations" not in f],
+    log:
+        notebook=f"{RESULTS}/logs/mats/merge.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/mats/merge.tsv"
+    threads: 2
+    params:
+        notebook=mats_parameters(out_dir=f"{FIGURES}/mats", iterations=MATS["iterations"], gm_alphas=MATS["gm_alphas"],
+                                 multitask_epochs=SUITE["multitask_train"]["epochs"]),
+    retries: NOTEBOOK_RETRIES
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
+
+
+rule mats:
+    """Every figure and table of the MaTS experiment."""
+    input:
+        mats_outputs(),
