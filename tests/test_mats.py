@@ -180,3 +180,22 @@ def test_measure_reports_the_memory_a_block_allocates():
         x += 1
         del x
     assert m.seconds > 0 and 80 < m.peak_host_mb < 400
+
+
+def test_keep_best_holds_the_smallest_residual_iterate_so_far_and_long_float32_runs_stay_finite():
+    """Plain CG run far past convergence in float32 loses it (the recursive residual underflows, then steps blow
+    up): the solver must stop at the first non-finite step, and keep_best must return the best iterate seen."""
+    gen = torch.Generator().manual_seed(0)
+    d = 0.01 + 0.07 * torch.rand(384, generator=gen)
+    b = torch.randn(384, generator=gen)
+    x0 = torch.randn(384, generator=gen)
+    budgets = tuple(range(0, 1001))
+    cg = ConjugateGradient(max_iter=1000, tol=0.0, keep=budgets, keep_best=True)
+    x = cg(lambda v: d * v, b, x0, "bias")
+    hist = cg.history["bias"]
+    assert bool(torch.isfinite(x).all()) and min(hist) < 1e-6
+    for k in (0, 5, 50, 300, 1000):
+        j = min(range(min(k, len(hist) - 1) + 1), key=lambda i: hist[i])
+        torch.testing.assert_close(cg.best_iterates["bias"][k], cg.iterates["bias"][j], rtol=0, atol=0)
+    res = lambda v: float((b - d * v).norm() / b.norm())
+    assert res(cg.best_iterates["bias"][1000]) < 1e-5

@@ -134,6 +134,21 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     for kind in ("fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac_train", "kfac_validation", "kfac_sampled"):
         assert (tmp_path / "results" / "suite" / "curvature" / "airline" / f"{kind}.safetensors").is_file()
 
+    # MaTS: every initialisation x objective cell at a configured budget; CG on the averaging objective reaches the
+    # average from every start; the long solves kept every budget; Table 1 holds MaTS and both gradient matchings
+    smoke_mats = yaml.safe_load((ROOT / "workflow/config/smoke.yaml").read_text())["mats"]
+    mats = tmp_path / "figures" / "mats"
+    grid = pd.read_csv(mats / "fig2_init_objective.csv")
+    assert len(grid) == 20 and set(grid["iterations"]) <= set(smoke_mats["iterations"])
+    averaging = grid[grid["objective"] == "average"]
+    assert averaging["Avg."].nunique() == 1
+    curve = pd.read_csv(mats / "fig3_cg_iterations.csv")
+    for _, solve in curve.groupby("objective"):
+        assert set(solve["iterations"]) == set(smoke_mats["long_iterations"]) | set(smoke_mats["iterations"])
+    table1 = set(pd.read_csv(mats / "table1_multitask.csv")["method"])
+    assert {"MaTS (TA init., RegMean objective)", "Gradient matching, K-FAC by CG (001 + 002)"} <= table1
+    assert len(pd.read_csv(mats / "table4_fisher.csv")) == 6
+
     # a second run has nothing to do; rerunning the figure rules (models kept) gives identical bytes
     tracked = ("linear", "data", "sentiment", "toxicity", "suite", "mats")
     before = {d: digest(tmp_path / "figures" / d) for d in tracked}

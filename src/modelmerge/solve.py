@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,15 +22,22 @@ class ConjugateGradient:
     ``history[name]`` keeps the relative residuals ||b - H x_k|| / ||b|| for k = 0, 1, ... of every solve and
     ``rhs_norm[name]`` its ||b||. ``keep`` lists iteration counts k whose iterate x_k is stored in
     ``iterates[name][k]``, so one solve of ``max_iter`` iterations yields every shorter budget too (a solve that
-    stops early stores its final x for the remaining k: more iterations would not move it).
+    stops early stores its final x for the remaining k: more iterations would not move it). A solve whose step or
+    residual stops being finite (p^T H p underflows after the residual reached rounding level) stops there, keeps
+    its last finite iterate, and records the iteration in ``breakdown[name]``. With ``keep_best``,
+    ``best_iterates[name][k]`` also holds the iterate of smallest residual among x_0..x_k (a safeguarded CG that
+    returns its best iterate; the plain iterates are unchanged).
     """
 
     max_iter: int = 100
     tol: float = 0.0
     keep: tuple[int, ...] = ()
+    keep_best: bool = False
     history: dict[str, list[float]] = field(default_factory=dict)
     rhs_norm: dict[str, float] = field(default_factory=dict)
     iterates: dict[str, dict[int, Tensor]] = field(default_factory=dict)
+    breakdown: dict[str, int] = field(default_factory=dict)
+    best_iterates: dict[str, dict[int, Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.keep = tuple(sorted(set(int(k) for k in self.keep)))
@@ -44,29 +52,43 @@ class ConjugateGradient:
         rs = _dot(r, r)
         hist = [float(rs.sqrt()) / b_norm]
         kept: dict[int, Tensor] = {0: x.clone()} if 0 in self.keep else {}
+        best_x, best_res, kept_best = x, hist[0], {}
+        if 0 in self.keep:
+            kept_best[0] = kept[0]
         p = r.clone()
         for it in range(1, self.max_iter + 1):
             if hist[-1] <= self.tol or float(rs) == 0.0:
                 break
             hp = mv(p)
             curvature = _dot(p, hp)
-            if float(curvature) <= 0:  # p lies in the null space of a semi-definite H: nothing left to fit
+            if not float(curvature) > 0:  # p lies in the null space of a semi-definite H: nothing left to fit
                 break
             step = rs / curvature
+            r_new = r - step * hp
+            rs_new = _dot(r_new, r_new)
+            if not (math.isfinite(float(step)) and math.isfinite(float(rs_new))):
+                # breakdown in finite precision (p^T H p underflowed): keep the last finite iterate
+                self.breakdown[name] = it
+                break
             x = x + step * p
-            r = r - step * hp
-            rs_new = _dot(r, r)
+            r = r_new
             hist.append(float(rs_new.sqrt()) / b_norm)
             p = r + (rs_new / rs) * p
             rs = rs_new
+            if hist[-1] < best_res:
+                best_x, best_res = x, hist[-1]
             if it in self.keep:
                 kept[it] = x.clone()
+                kept_best[it] = best_x if best_x is not x else kept[it]
         for k in self.keep:
             kept.setdefault(k, x)
+            kept_best.setdefault(k, best_x)
         self.history[name] = hist
         self.rhs_norm[name] = float(b.norm())
         if self.keep:
             self.iterates[name] = kept
+            if self.keep_best:
+                self.best_iterates[name] = kept_best
         return x
 
 
