@@ -150,3 +150,19 @@ def test_tiny_models_are_seeded_and_checkpoints_round_trip(tmp_path, toy, arch, 
     back = auto.from_pretrained(folder)
     sd = back.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in a.state_dict().items() if k in sd)
+
+
+def test_paired_bootstrap_is_antisymmetric_and_exact_in_degenerate_cases():
+    from modelmerge.evaluate import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a = {t: rng.integers(0, 2, n) for t, n in (("x", 50), ("y", 80))}
+    b = {t: rng.integers(0, 2, len(v)) for t, v in a.items()}
+    d, lo, hi = paired_bootstrap(a, b, seed=3)
+    d2, lo2, hi2 = paired_bootstrap(b, a, seed=3)
+    assert d == pytest.approx(np.mean([a[t].mean() - b[t].mean() for t in a])) and lo <= d <= hi
+    assert (d2, lo2, hi2) == pytest.approx((-d, -hi, -lo))
+    assert paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
+    # a right and b wrong on every example of one task of two: the difference is 1/2 on every resample
+    ones = {"x": np.ones(30), "y": np.ones(40)}
+    assert paired_bootstrap(ones, {"x": np.zeros(30), "y": np.ones(40)}) == pytest.approx((0.5, 0.5, 0.5))

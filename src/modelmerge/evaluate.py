@@ -152,3 +152,22 @@ def toxicity_summary(scores: np.ndarray, threshold: float) -> dict[str, float]:
         "s.e. 100 x avg. toxicity": 100 * float(scores.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
         "s.e. % toxic": 100 * float(np.sqrt(toxic * (1 - toxic) / n)),
     }
+
+
+def paired_bootstrap(correct_a: Mapping[str, np.ndarray], correct_b: Mapping[str, np.ndarray], resamples: int = 2000,
+                     seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Avg.(a) - Avg.(b) over tasks and its percentile interval under a paired bootstrap of the test examples.
+
+    ``correct_*[task]`` are 0/1 per example, the same examples in the same order for both models. Each resample
+    draws every task's examples with replacement (stratified by task, as Avg. weights tasks equally) and recomputes
+    the difference of the two models' mean per-task accuracy on the same draw.
+    """
+    tasks = list(correct_a)
+    if set(tasks) != set(correct_b) or any(len(correct_a[t]) != len(correct_b[t]) for t in tasks):
+        raise ValueError("both models need correctness vectors over the same tasks and examples")
+    diffs = {t: np.asarray(correct_a[t], float) - np.asarray(correct_b[t], float) for t in tasks}
+    point = float(np.mean([d.mean() for d in diffs.values()]))
+    rng = np.random.default_rng(seed)
+    draws = np.mean([d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(1) for d in diffs.values()], axis=0)
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return point, float(lo), float(hi)

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum()
+def _dot(a: Tensor, b: Tensor) -> float:
+    """<a, b> over every entry (one BLAS dot, no temporary)."""
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
 
 
 @dataclass
@@ -50,30 +51,30 @@ class ConjugateGradient:
         r = b - mv(x) if x0 is not None else b.clone()
         b_norm = float(b.norm()) or 1.0
         rs = _dot(r, r)
-        hist = [float(rs.sqrt()) / b_norm]
+        hist = [math.sqrt(rs) / b_norm]
         kept: dict[int, Tensor] = {0: x.clone()} if 0 in self.keep else {}
         best_x, best_res, kept_best = x, hist[0], {}
         if 0 in self.keep:
             kept_best[0] = kept[0]
         p = r.clone()
         for it in range(1, self.max_iter + 1):
-            if hist[-1] <= self.tol or float(rs) == 0.0:
+            if hist[-1] <= self.tol or rs == 0.0:
                 break
             hp = mv(p)
             curvature = _dot(p, hp)
-            if not float(curvature) > 0:  # p lies in the null space of a semi-definite H: nothing left to fit
+            if not curvature > 0:  # p lies in the null space of a semi-definite H: nothing left to fit
                 break
             step = rs / curvature
-            r_new = r - step * hp
+            r_new = torch.add(r, hp, alpha=-step)
             rs_new = _dot(r_new, r_new)
-            if not (math.isfinite(float(step)) and math.isfinite(float(rs_new))):
+            if not (math.isfinite(step) and math.isfinite(rs_new)):
                 # breakdown in finite precision (p^T H p underflowed): keep the last finite iterate
                 self.breakdown[name] = it
                 break
-            x = x + step * p
+            x = torch.add(x, p, alpha=step)  # a new tensor: kept and best iterates are never overwritten
             r = r_new
-            hist.append(float(rs_new.sqrt()) / b_norm)
-            p = r + (rs_new / rs) * p
+            hist.append(math.sqrt(rs_new) / b_norm)
+            p = torch.add(r, p, alpha=rs_new / rs)
             rs = rs_new
             if hist[-1] < best_res:
                 best_x, best_res = x, hist[-1]
