@@ -185,3 +185,26 @@ def save_state(state: Mapping[str, Tensor], path: str | Path, meta: Mapping[str,
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_state_dict({k: v.contiguous() for k, v in state.items()}, path, metadata=dict(meta or {}))
+
+
+def statistics_size(suite_dir: str, data_dir: str, tasks: Sequence[str], variant: str, evaluator,
+                    max_length: int) -> tuple[list[int], list[int]]:
+    """Per task, the examples N a Fisher ``variant`` was computed on (its file's metadata) and their tokens T
+    (texts: N x the mean unpadded length of that split up to ``max_length``; images: N x (patches + 1))."""
+    from modelmerge.experiments.suite import split_frame_of
+    from modelmerge.io import LazySafetensors
+
+    split = "validation" if variant == "validation" else "train"
+    ns, ts = [], []
+    for task in tasks:
+        n = int(LazySafetensors(f"{suite_dir}/curvature/{task}/fisher_{variant}.safetensors").metadata()["n"])
+        frame = split_frame_of(data_dir, task, split)
+        if "text" in frame.columns:
+            ids = evaluator.tokenizer(list(frame["text"]), truncation=True, max_length=max_length)["input_ids"]
+            per_example = sum(map(len, ids)) / len(ids)
+        else:
+            cfg = evaluator.model.encoder.config
+            per_example = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        ns.append(n)
+        ts.append(round(n * per_example))
+    return ns, ts
