@@ -13,9 +13,11 @@ from torch import Tensor
 from modelmerge.cost import Measurement, measure
 from modelmerge.curvature import CurvatureSpec, Diagonal, Identity
 from modelmerge.curvature.estimate import DiagonalFisher, LayerFactors
+from modelmerge.experiments.suite import split_frame_of
+from modelmerge.io import LazySafetensors, save_state_dict
 from modelmerge.merge import gradient_matching, mats
 from modelmerge.merge.regmean import ScaledGrams
-from modelmerge.solve import ConjugateGradient
+from modelmerge.solve import ConjugateGradient, total_relative_residual
 from modelmerge.statedict import StateDict
 
 #: 002 Fig. 2's rows (what CG starts from) and columns (which linear system it solves)
@@ -36,10 +38,7 @@ def load_fishers(suite_dir: str, tasks: Sequence[str], variant: str) -> list[Sta
 
 def load_factors(suite_dir: str, tasks: Sequence[str], kind: str) -> list[dict]:
     """Per task, weight name -> ``Gram`` (kind "gram") or ``KFAC`` (kind "kfac_<variant>"), in memory."""
-    out = []
-    for t in tasks:
-        out.append(LayerFactors.load(f"{suite_dir}/curvature/{t}/{kind}.safetensors").curvature())
-    return out
+    return [LayerFactors.load(f"{suite_dir}/curvature/{t}/{kind}.safetensors").curvature() for t in tasks]
 
 
 def fisher_floor(fishers: Sequence[Mapping[str, Tensor]], relative: float) -> float:
@@ -116,7 +115,7 @@ def solve_mats(base: StateDict, models: Sequence[StateDict], obj: Objective, ini
     best = _states(final, solver, iterations, solver.best_iterates) if keep_best else {}
     states = _states(final, solver, iterations)
     solver.iterates, solver.best_iterates = {}, {}
-    return Solve(states, _total_residual(solver), cost, best, solver)
+    return Solve(states, total_relative_residual(solver), cost, best, solver)
 
 
 def solve_gradient_matching(base: StateDict, models: Sequence[StateDict], curvatures: Sequence[CurvatureSpec],
@@ -128,7 +127,7 @@ def solve_gradient_matching(base: StateDict, models: Sequence[StateDict], curvat
     # the solves return the update Hbar^-1 (...), so a kept iterate x_k is the merge theta_0 + x_k
     states = {k: {n: (base[n] + solver.iterates[n][k] if n in solver.iterates else final[n]) for n in final}
               for k in iterations}
-    return Solve(states, _total_residual(solver), cost)
+    return Solve(states, total_relative_residual(solver), cost)
 
 
 def _states(final: Mapping[str, Tensor], solver: ConjugateGradient, iterations: Sequence[int],
@@ -141,12 +140,6 @@ def regrown_blocks(solver: ConjugateGradient, factor: float = 100.0) -> list[str
     """Parameters whose final residual is ``factor`` times above the smallest it reached: solves that went on past
     convergence and lost it in finite precision."""
     return [n for n, h in solver.history.items() if len(h) > 1 and h[-1] > factor * max(min(h), 1e-300)]
-
-
-def _total_residual(solver: ConjugateGradient) -> list[float]:
-    from modelmerge.solve import total_relative_residual
-
-    return total_relative_residual(solver)
 
 
 def relative_change(a: Mapping[str, Tensor], b: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> float:
@@ -181,30 +174,23 @@ def scaled_update(base: Mapping[str, Tensor], merged: Mapping[str, Tensor], lam:
 
 def save_state(state: Mapping[str, Tensor], path: str | Path, meta: Mapping[str, str] | None = None) -> None:
     """Write a merged encoder state atomically (safetensors)."""
-    from modelmerge.io import save_state_dict
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_state_dict({k: v.contiguous() for k, v in state.items()}, path, metadata=dict(meta or {}))
 
 
 def statistics_size(suite_dir: str, data_dir: str, tasks: Sequence[str], variant: str, evaluator,
-                    max_length: int) -> tuple[list[int], list[int]]:
-    """Per task, the examples N a Fisher ``variant`` was computed on (its file's metadata) and their tokens T
-    (texts: N x the mean unpadded length of that split up to ``max_length``; images: N x (patches + 1))."""
-    from modelmerge.experiments.suite import split_frame_of
-    from modelmerge.io import LazySafetensors
-
+                    max_length: int) -> tuple[list[int], list[float]]:
+    """Per task, the examples N a Fisher ``variant`` was computed on (its file's metadata) and the tokens per
+    example of that split (texts: mean unpadded length up to ``max_length``; images: patches + 1), so T = N x it."""
     split = "validation" if variant == "validation" else "train"
-    ns, ts = [], []
+    ns, per_example = [], []
     for task in tasks:
-        n = int(LazySafetensors(f"{suite_dir}/curvature/{task}/fisher_{variant}.safetensors").metadata()["n"])
+        ns.append(int(LazySafetensors(f"{suite_dir}/curvature/{task}/fisher_{variant}.safetensors").metadata()["n"]))
         frame = split_frame_of(data_dir, task, split)
         if "text" in frame.columns:
             ids = evaluator.tokenizer(list(frame["text"]), truncation=True, max_length=max_length)["input_ids"]
-            per_example = sum(map(len, ids)) / len(ids)
+            per_example.append(sum(map(len, ids)) / len(ids))
         else:
             cfg = evaluator.model.encoder.config
-            per_example = (cfg.image_size // cfg.patch_size) ** 2 + 1
-        ns.append(n)
-        ts.append(round(n * per_example))
-    return ns, ts
+            per_example.append((cfg.image_size // cfg.patch_size) ** 2 + 1)
+    return ns, per_example
