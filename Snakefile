@@ -19,6 +19,7 @@ include: "workflow/rules/toxicity.smk"
 include: "workflow/rules/suite.smk"
 include: "workflow/rules/suite_fig2.smk"
 include: "workflow/rules/mats.smk"
+include: "workflow/rules/dpp.smk"
 
 
 rule all:
@@ -30,4 +31,5 @@ rule all:
         suite_outputs(),
         suite_fig2_outputs(),
         mats_outputs(),
+        dpp_outputs(),
     default_target: True

@@ -42,7 +42,7 @@ def test_every_configuration_dry_runs_the_whole_dag(config):
                 "toxicity_evaluate": 2 + len(tox["alphas"]) * (1 + len(tox["deltas"]))}
     n_tasks = len(yaml.safe_load(config.read_text())["suite"]["tasks"])
     suite = {"suite_data": 1, "suite_pretrained": 1, "suite_model": n_tasks + 1, "suite_curvature": n_tasks,
-             "suite_report": 1, "suite_fig2": 1, "mats_inits": 1, "mats_iterations": 1, "mats_merge": 1}
+             "suite_report": 1, "suite_fig2": 1, "mats_inits": 1, "mats_iterations": 1, "mats_merge": 1, "dpp_select": 1}
     assets = 4 if config.stem == "default" else 2  # the default run also fetches MiniLM and SmolLM2
     assert jobs == {"all": 1, "fetch_asset": assets, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1,
                     **sentiment, **toxicity, **suite}
@@ -149,11 +149,26 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     assert {"MaTS (TA init., RegMean objective)", "Gradient matching, K-FAC by CG (001 + 002)"} <= table1
     assert len(pd.read_csv(mats / "table4_fisher.csv")) == 6
 
+    # DPP: every DPP size up to the kernel's rank, Table 1's two rows per method with unseen tasks scored, the
+    # random subsets of the chosen size, exact sample frequencies, Table 2 on every perturbation
+    smoke_dpp = yaml.safe_load((ROOT / "workflow/config/smoke.yaml").read_text())["dpp"]
+    dpp = tmp_path / "figures" / "dpp"
+    every_k = pd.read_csv(dpp / "table1_every_k.csv")
+    for method, rows in every_k.groupby("method"):
+        assert list(rows["k"]) == list(range(1, len(rows) + 1)) and rows["chosen on validation"].sum() == 1
+        assert all(len(s.split(", ")) == k for s, k in zip(rows["subset"], rows["k"]))
+    table1_dpp = pd.read_csv(dpp / "table1_generalisation.csv")
+    assert len(table1_dpp) == 4 and table1_dpp[[*smoke_dpp["unseen"], "unseen Avg."]].notna().all().all()
+    samples = pd.read_csv(dpp / "dpp_samples.csv")
+    assert samples["samples"].sum() == smoke_dpp["dpp_samples"] and samples["exact probability"].between(0, 1).all()
+    table2_dpp = pd.read_csv(dpp / "table2_robustness.csv")
+    assert {f"{c}: Avg." for c in ["clean", *smoke_dpp["corruptions"]]} <= set(table2_dpp.columns)
+
     # a second run has nothing to do; rerunning the figure rules (models kept) gives identical bytes
-    tracked = ("linear", "data", "sentiment", "toxicity", "suite", "mats")
+    tracked = ("linear", "data", "sentiment", "toxicity", "suite", "mats", "dpp")
     before = {d: digest(tmp_path / "figures" / d) for d in tracked}
     assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(snakemake(*overrides))
     snakemake(*overrides, "--forcerun", "linear_theorem1", "linear_mismatch", "sentiment_merge",
               "toxicity_evaluate", "toxicity_report", "suite_report", "suite_fig2", "mats_inits",
-              "mats_iterations", "mats_merge")
+              "mats_iterations", "mats_merge", "dpp_select")
     assert {d: digest(tmp_path / "figures" / d) for d in tracked} == before

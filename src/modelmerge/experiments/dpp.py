@@ -1,0 +1,275 @@
+"""The DPP-selection experiment on the eight-task suite (003): which task vectors to merge, chosen by quality and
+diversity, against merging everything, random subsets of the same size, and quality- or diversity-only choices.
+
+Every merge of a subset is made and scored once (``SubsetScores`` caches it by method and subset), so one table's
+subsets are reused by every other table and figure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from modelmerge.experiments.suite import batches_of, split_logits
+from modelmerge.merge import task_arithmetic, ties
+from modelmerge.select import dpp_kernel, exact_map, log_det, quality_scores, sample_dpp, similarity_matrix
+
+State = dict[str, Tensor]
+Subset = tuple[str, ...]
+
+#: 003's seven corruptions (Hendrycks & Dietterich) -> the nearest standard text perturbation of ``nlpaug``:
+#: (its augmenter, its arguments, why it is the analogue)
+PERTURBATIONS: dict[str, tuple[str, dict, str]] = {
+    "motion blur": ("char.RandomCharAug", {"action": "swap"}, "neighbouring characters smeared into each other"),
+    "impulse noise": ("char.RandomCharAug", {"action": "substitute"}, "isolated characters replaced at random"),
+    "Gaussian noise": ("char.KeyboardAug", {}, "small local errors: keys next to the intended one"),
+    "pixelate": ("char.OcrAug", {}, "lost resolution: glyphs confused as OCR confuses them (0/o, 1/l, ...)"),
+    "spatter": ("char.RandomCharAug", {"action": "insert"}, "foreign marks added on top of the text"),
+    "contrast": ("word.RandomWordAug", {"action": "delete"}, "weakened signal: whole words dropped"),
+    "JPEG compression": ("char.RandomCharAug", {"action": "delete"}, "lossy compression: characters dropped"),
+}
+
+
+def perturb(texts: Sequence[str], corruption: str, seed: int) -> list[str]:
+    """``texts`` under one of ``PERTURBATIONS`` (nlpaug with its default strengths), reproducibly for a seed."""
+    import nlpaug.augmenter.char as nac
+    import nlpaug.augmenter.word as naw
+    from nlpaug.util import Randomness
+
+    if corruption not in PERTURBATIONS:
+        raise KeyError(f"unknown corruption {corruption!r}; choose from {list(PERTURBATIONS)}")
+    path, kwargs, _ = PERTURBATIONS[corruption]
+    module, cls = path.split(".")
+    augmenter = getattr({"char": nac, "word": naw}[module], cls)(**kwargs)
+    state = torch.random.get_rng_state()
+    Randomness.seed(seed)  # nlpaug draws from Python's, NumPy's (and torch's) global generators
+    try:
+        out = augmenter.augment(list(texts))
+    finally:
+        torch.random.set_rng_state(state)
+    return [o if isinstance(o, str) else o[0] for o in out]
+
+
+def corrupt_images(images: Sequence, corruption: str, seed: int, severity: int = 3) -> list[np.ndarray]:
+    """``images`` under one of 003's corruptions (Hendrycks & Dietterich's implementation in ``imagecorruptions``,
+    at ``severity`` 1-5), as RGB uint8 arrays, reproducibly for a seed."""
+    from imagecorruptions import corrupt
+
+    from modelmerge.clip import to_rgb
+
+    if corruption not in PERTURBATIONS:
+        raise KeyError(f"unknown corruption {corruption!r}; choose from {list(PERTURBATIONS)}")
+    import skimage.util
+
+    name = corruption.lower().replace(" ", "_")
+    state, random_noise = np.random.get_state(), skimage.util.random_noise
+    np.random.seed(seed)  # imagecorruptions draws from NumPy's global generator ...
+    gen = np.random.default_rng(seed)  # ... except impulse noise, which asks scikit-image for a fresh generator
+    skimage.util.random_noise = lambda *a, **k: random_noise(*a, **{**k, "rng": gen})
+    try:
+        return [np.asarray(corrupt(np.asarray(to_rgb(im)), corruption_name=name, severity=severity), dtype=np.uint8)
+                for im in images]
+    finally:
+        np.random.set_state(state)
+        skimage.util.random_noise = random_noise
+
+
+def subsets_of_size(pool: Sequence[str], k: int, draws: int, seed: int) -> list[Subset]:
+    """Every k-subset of ``pool`` when there are at most ``draws`` of them, otherwise ``draws`` distinct ones drawn
+    uniformly with a seeded generator (each a tuple in pool order)."""
+    total = math.comb(len(pool), k)
+    if total <= draws:
+        return [tuple(c) for c in itertools.combinations(pool, k)]
+    rng = np.random.default_rng(seed)
+    chosen: set[tuple[int, ...]] = set()
+    while len(chosen) < draws:
+        chosen.add(tuple(sorted(rng.choice(len(pool), size=k, replace=False).tolist())))
+    return [tuple(pool[i] for i in c) for c in sorted(chosen)]
+
+
+@dataclass
+class Kernel:
+    """003's L = diag(q) S diag(q) over a pool of task models, with the selections the experiment compares."""
+
+    pool: list[str]
+    q: Tensor
+    S: Tensor
+
+    @property
+    def L(self) -> Tensor:
+        return dpp_kernel(self.q, self.S)
+
+    def _names(self, idx: Sequence[int]) -> Subset:
+        return tuple(self.pool[i] for i in sorted(idx))
+
+    @property
+    def max_size(self) -> int:
+        """The largest k with some det(L_Y) > 0: models whose quality is 0 (no gain) make every minor singular."""
+        return int(torch.linalg.matrix_rank(self.L, hermitian=True))
+
+    def dpp(self, k: int) -> Subset:
+        """argmax_{|Y| = k} det(L_Y): quality and diversity."""
+        if not 1 <= k <= self.max_size:
+            raise ValueError(f"k = {k}: every {k}-subset has det(L_Y) = 0 (q has {int((self.q > 0).sum())} positive "
+                             f"entries, L rank {self.max_size}); choose k in 1..{self.max_size}")
+        return self._names(exact_map(self.L, k))
+
+    def quality_only(self, k: int) -> Subset:
+        """The k largest q_i (= DPP MAP when S = I)."""
+        return self._names(torch.argsort(self.q, descending=True, stable=True)[:k].tolist())
+
+    def diversity_only(self, k: int) -> Subset:
+        """argmax_{|Y| = k} det(S_Y) (= DPP MAP when every q_i is equal)."""
+        return self._names(exact_map(self.S, k))
+
+    def probability(self, subset: Subset) -> float:
+        """P(Y) = det(L_Y) / det(L + I) of the DPP with kernel L."""
+        idx = [self.pool.index(t) for t in subset]
+        L = self.L
+        return math.exp(log_det(L, idx) - float(torch.logdet(L + torch.eye(len(self.pool), dtype=L.dtype))))
+
+    def samples(self, n: int, seed: int) -> Counter:
+        """How often each subset came up in ``n`` exact DPP samples (seeded)."""
+        gen = torch.Generator().manual_seed(seed)
+        return Counter(self._names(sample_dpp(self.L, gen)) for _ in range(n))
+
+
+def build_kernel(pool: Sequence[str], accuracy_finetuned: Sequence[float], accuracy_pretrained: Sequence[float],
+                 representations: Tensor, quality: str = "relative gain") -> Kernel:
+    """q_i = relative validation gain of model i over the pretrained encoder on task i (||q|| = 1), S_ij = mean
+    cosine similarity of models i and j's representations of the same validation inputs.
+
+    ``quality="accuracy"`` uses q_i = acc_i / ||acc|| instead (for models that do not beat the pretrained one at all,
+    e.g. the smoke run's tiny random models, where 003's relative gain is zero for every model).
+    """
+    if quality == "relative gain":
+        q = quality_scores(accuracy_finetuned, accuracy_pretrained)
+    elif quality == "accuracy":
+        acc = torch.as_tensor(accuracy_finetuned, dtype=torch.float64)
+        q = acc / acc.norm()
+    else:
+        raise ValueError(f"quality must be 'relative gain' (003) or 'accuracy', got {quality!r}")
+    return Kernel(list(pool), q, similarity_matrix(representations))
+
+
+@torch.no_grad()
+def representations(model, batches: Sequence[Mapping[str, Tensor]], bf16: bool = False) -> Tensor:
+    """The pooled encoder features (the heads' input) of every input in ``batches``, in order, float32."""
+    dev = next(model.encoder.parameters()).device
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        return torch.cat([model.features(**{k: v.to(dev) for k, v in b.items() if k != "labels"}).float().cpu()
+                          for b in batches])
+
+
+@dataclass
+class SubsetScores:
+    """Merges of subsets of task models, each tuned on validation data and scored once, cached.
+
+    ``merge(method, subset)`` is theta_0 + lam * tau(subset): task arithmetic (sum of the task vectors) or TIES
+    (``ties_k``); both are linear in lam, so one merged task vector serves the whole lam grid. lam is chosen on
+    the validation split of ``tune_tasks`` (mean accuracy, first best wins); the chosen merge is scored on the
+    test split of every task and, when asked, on every set of ``extra`` test batches (name -> task -> batches,
+    e.g. perturbed test data), each scored against the labels its batches carry.
+    """
+
+    base: State
+    models: Mapping[str, State]
+    evaluator: object
+    lambdas: Sequence[float]
+    tune_tasks: Sequence[str]
+    ties_k: float = 0.2
+    bf16: bool = True
+    extra: Mapping[str, Mapping[str, list]] = field(default_factory=dict)
+    rows: dict[tuple[str, Subset], dict] = field(default_factory=dict)
+    on_merge: Callable[[str, Subset], None] | None = None
+
+    def merged_update(self, method: str, subset: Subset) -> State:
+        """theta(lam = 1) of ``method`` on ``subset``."""
+        models = [self.models[t] for t in subset]
+        if method == "task arithmetic":
+            return dict(task_arithmetic(self.base, models, 1.0))
+        if method == "TIES":
+            return dict(ties(self.base, models, k=self.ties_k, lam=1.0))
+        raise ValueError(f"unknown method {method!r}: 'task arithmetic' or 'TIES'")
+
+    def __call__(self, method: str, subset: Sequence[str], extra: bool = True) -> dict:
+        """The cached row of (method, subset): chosen lam, its validation score, test accuracies (and, with
+        ``extra``, accuracies on every extra test set: the merge is rebuilt once for them if it was tuned only)."""
+        subset = tuple(subset)
+        key = (method, subset)
+        row = self.rows.get(key)
+        want_extra = extra and self.extra and f"{next(iter(self.extra))}/{self.tune_tasks[0]}" not in (row or {})
+        if row is not None and not want_extra:
+            return row
+        if self.on_merge:
+            self.on_merge(method, subset)
+        unit = self.merged_update(method, subset)
+        if row is None:
+            val = {}
+            for lam in self.lambdas:
+                acc = self._accuracy(_scaled(self.base, unit, lam),
+                                     {t: self.evaluator.batches["validation"][t] for t in self.tune_tasks})
+                val[lam] = float(np.mean(list(acc.values())))
+            lam = max(val, key=lambda x: (val[x], -list(val).index(x)))
+            row = {"method": method, "subset": subset, "size": len(subset), "lambda": lam,
+                   "tuning validation Avg.": val[lam]}
+            row.update({f"test/{t}": a for t, a in self._accuracy(_scaled(self.base, unit, lam),
+                                                                 self.evaluator.batches["test"]).items()})
+        if want_extra:
+            self.evaluator.model.load_encoder_state(_scaled(self.base, unit, row["lambda"]))
+            for name, batches in self.extra.items():
+                row.update({f"{name}/{t}": a for t, a in self._accuracy(None, batches).items()})
+        self.rows[key] = row
+        return row
+
+    def _accuracy(self, state: State | None, batches: Mapping[str, list]) -> dict[str, float]:
+        """task -> accuracy of ``state`` (None: the state loaded last) against the labels the batches carry."""
+        if state is not None:
+            self.evaluator.model.load_encoder_state(state)
+        logits = split_logits(self.evaluator.model, batches, bf16=self.bf16)
+        return {t: float((lg.argmax(-1) == torch.cat([b["labels"] for b in batches[t]])).float().mean())
+                for t, lg in logits.items()}
+
+    def frame(self) -> pd.DataFrame:
+        """Every scored merge, a row each."""
+        return pd.DataFrame(list(self.rows.values()))
+
+
+def _scaled(base: State, unit: State, lam: float) -> State:
+    return {n: (base[n] + lam * (unit[n] - base[n]) if base[n].is_floating_point() else base[n]) for n in base}
+
+
+def perturbed_batches(tokenizer, frames: Mapping[str, pd.DataFrame], corruptions: Sequence[str], seed: int,
+                      max_length: int, batch_size: int = 64) -> dict[str, dict[str, list]]:
+    """"clean" and each corruption -> task -> batches of that task's ``frames`` (text or image, label): texts
+    perturbed by ``perturb``, images corrupted by ``corrupt_images``, with a seed per (corruption, task); labels
+    unchanged."""
+    out = {"clean": {t: batches_of(tokenizer, f, batch_size, max_length) for t, f in frames.items()}}
+    for c_i, corruption in enumerate(corruptions):
+        out[corruption] = {}
+        for t_i, (task, frame) in enumerate(frames.items()):
+            frame, c_seed = frame.copy(), seed + 1000 * (c_i + 1) + t_i
+            if "image" in frame.columns:
+                frame["image"] = corrupt_images(frame["image"].tolist(), corruption, c_seed)
+            else:
+                frame["text"] = perturb(frame["text"].tolist(), corruption, c_seed)
+            out[corruption][task] = batches_of(tokenizer, frame, batch_size, max_length)
+    return out
+
+
+def mean_over(row: Mapping, prefix: str, tasks: Sequence[str]) -> float:
+    """Mean of ``row[prefix/task]`` over ``tasks``."""
+    return float(np.mean([row[f"{prefix}/{t}"] for t in tasks]))
+
+
+def rank_among(value: float, others: Sequence[float]) -> str:
+    """'r of n': 1 + how many of ``others`` score strictly higher (ties share the better rank)."""
+    return f"{1 + sum(o > value for o in others)} of {len(others)}"

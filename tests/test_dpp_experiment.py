@@ -1,0 +1,108 @@
+"""The DPP experiment's pieces (003): kernel from accuracies and representations, selections, random subsets,
+exact probabilities, seeded text perturbations."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from modelmerge.experiments.dpp import PERTURBATIONS, Kernel, build_kernel, perturb, rank_among, subsets_of_size
+
+
+def three_model_kernel():
+    """Models a, b, c: gains 0.1, 0.2, 0.2 over a pretrained accuracy of 0.5; a's and b's representations agree
+    on the first input and are orthogonal on the second, c's are orthogonal to both on both inputs."""
+    e1, e2, e3 = torch.eye(3)
+    reps = torch.stack([torch.stack([e1, e1]), torch.stack([e1, e2]), torch.stack([e3, e3])])
+    return build_kernel(["a", "b", "c"], [0.55, 0.6, 0.6], [0.5, 0.5, 0.5], reps)
+
+
+def test_kernel_of_three_models_matches_hand_computation():
+    K = three_model_kernel()
+    q = torch.tensor([0.1, 0.2, 0.2], dtype=torch.float64) / 0.3  # relative gains 0.1, 0.2, 0.2; ||.|| = 0.3
+    S = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)  # mean cosines
+    assert torch.allclose(K.q, q) and torch.allclose(K.S, S)
+    assert torch.allclose(K.L, q[:, None] * S * q[None, :])
+    # det L_{ij} = q_i^2 q_j^2 (1 - S_ij^2): {a,b} 3/4 * 4/81, {a,c} 4/81, {b,c} 16/81 -> b, c
+    assert K.dpp(2) == ("b", "c") and K.dpp(1) in (("b",), ("c",))
+    assert K.quality_only(2) == ("b", "c")
+    assert K.diversity_only(2) in (("a", "c"), ("b", "c"))  # S alone cannot tell a from b against c
+
+
+def test_exact_probabilities_sum_to_one_and_match_the_sampler():
+    K = three_model_kernel()
+    subsets = [tuple(s) for k in range(4) for s in itertools.combinations(K.pool, k)]
+    probs = {s: K.probability(s) for s in subsets}
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-12)  # sum_Y det(L_Y) = det(L + I)
+    assert probs[()] == pytest.approx(1 / float(torch.det(K.L + torch.eye(3, dtype=K.L.dtype))))
+    n = 20000
+    counts = K.samples(n, seed=0)
+    assert counts == K.samples(n, seed=0)  # seeded
+    for s, p in probs.items():
+        assert abs(counts.get(s, 0) / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3
+
+
+def test_selections_coincide_in_their_special_cases():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    S = x @ x.T
+    S = S / torch.outer(S.diagonal().sqrt(), S.diagonal().sqrt())
+    q = torch.rand(6, generator=gen, dtype=torch.float64)
+    pool = list("uvwxyz")
+    for k in range(1, 7):
+        # S = I: det L_Y = prod q_i^2, the top-k qualities
+        assert Kernel(pool, q / q.norm(), torch.eye(6, dtype=torch.float64)).dpp(k) == \
+            Kernel(pool, q / q.norm(), S).quality_only(k)
+        # equal qualities: det L_Y = c^k det S_Y, the most diverse
+        flat = torch.full((6,), 6 ** -0.5, dtype=torch.float64)
+        assert Kernel(pool, flat, S).dpp(k) == Kernel(pool, q, S).diversity_only(k)
+
+
+def test_a_model_without_gain_is_never_selected_and_caps_the_size():
+    K = build_kernel(["a", "b", "c"], [0.4, 0.6, 0.7], [0.5, 0.5, 0.5], torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0)))
+    assert K.q[0] == 0 and K.max_size == 2
+    assert "a" not in K.dpp(1) + K.dpp(2)
+    with pytest.raises(ValueError, match="det\\(L_Y\\) = 0"):
+        K.dpp(3)
+
+
+def test_random_subsets_are_all_of_them_or_seeded_distinct_draws():
+    pool = list("abcdefgh")
+    assert subsets_of_size(pool, 2, draws=30, seed=0) == list(itertools.combinations(pool, 2))  # 28 <= 30: all
+    draws = subsets_of_size(pool, 4, draws=20, seed=3)  # 70 > 20
+    assert len(draws) == len(set(draws)) == 20 and all(len(s) == 4 and list(s) == sorted(s) for s in draws)
+    assert draws == subsets_of_size(pool, 4, draws=20, seed=3) != subsets_of_size(pool, 4, draws=20, seed=4)
+
+
+def test_rank_among_counts_strictly_better_others():
+    assert rank_among(0.7, [0.5, 0.7, 0.9]) == "2 of 3" and rank_among(1.0, []) == "1 of 0"
+
+
+@pytest.mark.parametrize("corruption", list(PERTURBATIONS))
+def test_perturbations_are_seeded_change_the_text_and_leave_torch_rng_alone(corruption):
+    texts = ["the flight was delayed for three hours and nobody told us anything at all",
+             "great service friendly crew and the best legroom I have had in years"]
+    state = torch.random.get_rng_state()
+    a = perturb(texts, corruption, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert a == perturb(texts, corruption, seed=0)
+    assert len(a) == len(texts) and all(x != t for x, t in zip(a, texts))
+    assert any(x != y for x, y in zip(a, perturb(texts, corruption, seed=1)))
+
+
+@pytest.mark.parametrize("corruption", list(PERTURBATIONS))
+def test_image_corruptions_are_seeded_and_change_the_image(corruption):
+    pytest.importorskip("imagecorruptions")
+    import numpy as np
+
+    from modelmerge.experiments.dpp import corrupt_images
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8) for _ in range(2)]
+    state = np.random.get_state()
+    a = corrupt_images(images, corruption, seed=0)
+    assert np.random.get_state()[1].tolist() == state[1].tolist()
+    assert all(x.shape == im.shape and x.dtype == np.uint8 for x, im in zip(a, images))
+    assert all(np.array_equal(x, y) for x, y in zip(a, corrupt_images(images, corruption, seed=0)))
+    assert all(not np.array_equal(x, im) for x, im in zip(a, images))
