@@ -3,7 +3,7 @@
 # Fig. 1. Every merge is made and scored once and reused. Target: `snakemake --cores 2 dpp`.
 DPP = config["dpp"]
 DPP_TABLES = ["kernel_quality", "table1_every_k", "table1_generalisation", "table1_baselines", "dpp_samples",
-              "perturbations", "table2_robustness"]
+              "perturbations", "table2_every_k", "table2_robustness"]
 DPP_FIGURES = ["kernel", "selection_vs_random", "table2_robustness", "fig1_embeddings"]
 
 
@@ -31,7 +31,7 @@ rule dpp_select:
         notebook=notebook_parameters({
             "tasks": SUITE_TASKS, "suite_dir": SUITE_DIR, "data_dir": SUITE_DATA, "out_dir": f"{FIGURES}/dpp",
             "max_length": SUITE["max_length"],
-            **{k: DPP[k] for k in ("seen", "unseen", "robust_tasks", "corruptions", "corrupted_examples", "lambdas",
+            **{k: DPP[k] for k in ("seen", "unseen", "robust_tasks", "corruptions", "corrupted_examples", "lambdas", "tune_examples",
                                    "ties_k", "random_draws", "dpp_samples", "sampled_subsets_scored",
                                    "embedding_models", "quality", "embedding_per_task", "seed",
                                    "bf16")},

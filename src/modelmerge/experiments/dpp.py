@@ -175,16 +175,18 @@ class SubsetScores:
 
     ``merge(method, subset)`` is theta_0 + lam * tau(subset): task arithmetic (sum of the task vectors) or TIES
     (``ties_k``); both are linear in lam, so one merged task vector serves the whole lam grid. lam is chosen on
-    the validation split of ``tune_tasks`` (mean accuracy, first best wins); the chosen merge is scored on the
-    test split of every task and, when asked, on every set of ``extra`` test batches (name -> task -> batches,
-    e.g. perturbed test data), each scored against the labels its batches carry.
+    ``tune`` (task -> validation batches; mean accuracy over its tasks, first best wins); the chosen merge is scored
+    on the test split of ``test_tasks`` (default: every task of the evaluator) and, when asked, on every set of
+    ``extra`` test batches (name -> task -> batches, e.g. perturbed test data), each scored against the labels its
+    batches carry.
     """
 
     base: State
     models: Mapping[str, State]
     evaluator: object
     lambdas: Sequence[float]
-    tune_tasks: Sequence[str]
+    tune: Mapping[str, list]
+    test_tasks: Sequence[str] | None = None
     ties_k: float = 0.2
     bf16: bool = True
     extra: Mapping[str, Mapping[str, list]] = field(default_factory=dict)
@@ -206,7 +208,7 @@ class SubsetScores:
         subset = tuple(subset)
         key = (method, subset)
         row = self.rows.get(key)
-        want_extra = extra and self.extra and f"{next(iter(self.extra))}/{self.tune_tasks[0]}" not in (row or {})
+        want_extra = bool(extra and self.extra) and not any(k.startswith(f"{next(iter(self.extra))}/") for k in row or {})
         if row is not None and not want_extra:
             return row
         if self.on_merge:
@@ -215,14 +217,14 @@ class SubsetScores:
         if row is None:
             val = {}
             for lam in self.lambdas:
-                acc = self._accuracy(_scaled(self.base, unit, lam),
-                                     {t: self.evaluator.batches["validation"][t] for t in self.tune_tasks})
-                val[lam] = float(np.mean(list(acc.values())))
+                val[lam] = float(np.mean(list(self._accuracy(_scaled(self.base, unit, lam), self.tune).values())))
             lam = max(val, key=lambda x: (val[x], -list(val).index(x)))
             row = {"method": method, "subset": subset, "size": len(subset), "lambda": lam,
                    "tuning validation Avg.": val[lam]}
-            row.update({f"test/{t}": a for t, a in self._accuracy(_scaled(self.base, unit, lam),
-                                                                 self.evaluator.batches["test"]).items()})
+            test_tasks = self.evaluator.tasks if self.test_tasks is None else self.test_tasks
+            if test_tasks:
+                test = {t: self.evaluator.batches["test"][t] for t in test_tasks}
+                row.update({f"test/{t}": a for t, a in self._accuracy(_scaled(self.base, unit, lam), test).items()})
         if want_extra:
             self.evaluator.model.load_encoder_state(_scaled(self.base, unit, row["lambda"]))
             for name, batches in self.extra.items():
