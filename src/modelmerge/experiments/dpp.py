@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from modelmerge.experiments.mats import scaled_update
 from modelmerge.experiments.suite import batches_of, split_logits
 from modelmerge.merge import task_arithmetic, ties
 from modelmerge.select import dpp_kernel, exact_map, log_det, quality_scores, sample_dpp, similarity_matrix
@@ -217,16 +218,16 @@ class SubsetScores:
         if row is None:
             val = {}
             for lam in self.lambdas:
-                val[lam] = float(np.mean(list(self._accuracy(_scaled(self.base, unit, lam), self.tune).values())))
+                val[lam] = float(np.mean(list(self._accuracy(scaled_update(self.base, unit, lam), self.tune).values())))
             lam = max(val, key=lambda x: (val[x], -list(val).index(x)))
             row = {"method": method, "subset": subset, "size": len(subset), "lambda": lam,
                    "tuning validation Avg.": val[lam]}
             test_tasks = self.evaluator.tasks if self.test_tasks is None else self.test_tasks
             if test_tasks:
                 test = {t: self.evaluator.batches["test"][t] for t in test_tasks}
-                row.update({f"test/{t}": a for t, a in self._accuracy(_scaled(self.base, unit, lam), test).items()})
+                row.update({f"test/{t}": a for t, a in self._accuracy(scaled_update(self.base, unit, lam), test).items()})
         if want_extra:
-            self.evaluator.model.load_encoder_state(_scaled(self.base, unit, row["lambda"]))
+            self.evaluator.model.load_encoder_state(scaled_update(self.base, unit, row["lambda"]))
             for name, batches in self.extra.items():
                 row.update({f"{name}/{t}": a for t, a in self._accuracy(None, batches).items()})
         self.rows[key] = row
@@ -243,10 +244,6 @@ class SubsetScores:
     def frame(self) -> pd.DataFrame:
         """Every scored merge, a row each."""
         return pd.DataFrame(list(self.rows.values()))
-
-
-def _scaled(base: State, unit: State, lam: float) -> State:
-    return {n: (base[n] + lam * (unit[n] - base[n]) if base[n].is_floating_point() else base[n]) for n in base}
 
 
 def perturbed_batches(tokenizer, frames: Mapping[str, pd.DataFrame], corruptions: Sequence[str], seed: int,
