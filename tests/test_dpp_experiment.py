@@ -80,12 +80,17 @@ def test_rank_among_counts_strictly_better_others():
 
 
 @pytest.mark.parametrize("corruption", list(PERTURBATIONS))
-def test_perturbations_are_seeded_change_the_text_and_leave_torch_rng_alone(corruption):
+def test_perturbations_are_seeded_change_the_text_and_leave_global_generators_alone(corruption):
+    import random
+
+    import numpy as np
+
     texts = ["the flight was delayed for three hours and nobody told us anything at all",
              "great service friendly crew and the best legroom I have had in years"]
-    state = torch.random.get_rng_state()
+    state, py_state, np_state = torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].tolist()
     a = perturb(texts, corruption, seed=0)
     assert torch.equal(torch.random.get_rng_state(), state)
+    assert random.getstate() == py_state and np.random.get_state()[1].tolist() == np_state
     assert a == perturb(texts, corruption, seed=0)
     assert len(a) == len(texts) and all(x != t for x, t in zip(a, texts))
     assert any(x != y for x, y in zip(a, perturb(texts, corruption, seed=1)))

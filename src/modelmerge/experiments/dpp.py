@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,12 +51,14 @@ def perturb(texts: Sequence[str], corruption: str, seed: int) -> list[str]:
     path, kwargs, _ = PERTURBATIONS[corruption]
     module, cls = path.split(".")
     augmenter = getattr({"char": nac, "word": naw}[module], cls)(**kwargs)
-    state = torch.random.get_rng_state()
-    Randomness.seed(seed)  # nlpaug draws from Python's, NumPy's (and torch's) global generators
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    Randomness.seed(seed)  # nlpaug draws from Python's, NumPy's (and torch's) global generators: restored after
     try:
         out = augmenter.augment(list(texts))
     finally:
-        torch.random.set_rng_state(state)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
     return [o if isinstance(o, str) else o[0] for o in out]
 
 
