@@ -111,3 +111,52 @@ def test_image_corruptions_are_seeded_and_change_the_image(corruption):
     assert all(x.shape == im.shape and x.dtype == np.uint8 for x, im in zip(a, images))
     assert all(np.array_equal(x, y) for x, y in zip(a, corrupt_images(images, corruption, seed=0)))
     assert all(not np.array_equal(x, im) for x, im in zip(a, images))
+
+
+class _FakeModel(torch.nn.Module):
+    """One scalar "encoder" weight w; class 0 scores w * x, class 1 scores 0.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Linear(1, 1)
+        self.w = torch.zeros(())
+
+    def set_task(self, task):
+        return self
+
+    def load_encoder_state(self, state):
+        self.w = state["w"].clone()
+
+    def forward(self, x):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=torch.stack([self.w * x, torch.full_like(x, 0.5)], -1))
+
+
+def test_subset_scores_tune_lambda_on_tuning_data_only_and_score_once():
+    from types import SimpleNamespace
+
+    from modelmerge.experiments.dpp import SubsetScores
+
+    def batches(label):
+        return [{"x": torch.ones(4), "labels": torch.full((4,), label)}]
+
+    # theta = lam * 1: tuning data wants class 1 (w <= 0.5), test data class 0 (w > 0.5)
+    evaluator = SimpleNamespace(model=_FakeModel(), tasks=["t"], batches={"test": {"t": batches(0)}})
+    merges = []
+    scores = SubsetScores({"w": torch.zeros(())}, {"a": {"w": torch.ones(())}}, evaluator, [0.2, 0.4, 0.7, 1.0],
+                          tune={"t": batches(1)}, extra={"shifted": {"t": batches(1)}},
+                          on_merge=lambda m, s: merges.append(s))
+    tuned = scores("task arithmetic", ("a",), extra=False)
+    assert tuned["lambda"] == 0.2 and tuned["tuning validation Avg."] == 1.0  # first best of 0.2, 0.4
+    assert tuned["test/t"] == 0.0 and "shifted/t" not in tuned  # test scored at the tuned lambda, never used to choose
+    row = scores("task arithmetic", ("a",))  # the extra set: the merge rebuilt once at the chosen lambda
+    assert row["shifted/t"] == 1.0 and row["lambda"] == 0.2
+    assert scores("task arithmetic", ("a",)) is row and len(merges) == 2
+
+
+def test_accuracy_quality_is_the_normalised_accuracy():
+    K = build_kernel(["a", "b"], [0.3, 0.4], [0.5, 0.5], torch.randn(2, 3, 4), quality="accuracy")
+    assert torch.allclose(K.q, torch.tensor([0.6, 0.8], dtype=torch.float64))
+    with pytest.raises(ValueError, match="quality"):
+        build_kernel(["a"], [0.3], [0.5], torch.randn(1, 3, 4), quality="loss")

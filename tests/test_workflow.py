@@ -157,6 +157,11 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     for method, rows in every_k.groupby("method"):
         assert list(rows["k"]) == list(range(1, len(rows) + 1)) and rows["chosen on validation"].sum() == 1
         assert all(len(s.split(", ")) == k for s, k in zip(rows["subset"], rows["k"]))
+        best = rows["seen validation Avg."].max()  # k is the validation argmax, ties to the smaller subset
+        assert rows.loc[rows["chosen on validation"], "k"].item() == rows.loc[rows["seen validation Avg."] == best, "k"].min()
+    k_table = pd.read_csv(dpp / "table2_every_k.csv")
+    best = k_table["clean validation Avg. (4 tasks)"].max()
+    assert k_table.loc[k_table["chosen"], "k"].item() == k_table.loc[k_table["clean validation Avg. (4 tasks)"] == best, "k"].min()
     table1_dpp = pd.read_csv(dpp / "table1_generalisation.csv")
     assert len(table1_dpp) == 4 and table1_dpp[[*smoke_dpp["unseen"], "unseen Avg."]].notna().all().all()
     samples = pd.read_csv(dpp / "dpp_samples.csv")
