@@ -62,10 +62,28 @@ def perturb(texts: Sequence[str], corruption: str, seed: int) -> list[str]:
     return [o if isinstance(o, str) else o[0] for o in out]
 
 
+def _imagecorruptions():
+    """The ``imagecorruptions`` module. Its 1.1.2 release imports ``pkg_resources`` (for its frost images), which
+    setuptools >= 81 no longer ships; where it is missing, a stand-in module answers ``resource_filename`` with
+    ``importlib.resources``."""
+    import importlib.resources
+    import importlib.util
+    import sys
+    import types
+
+    if "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None:
+        shim = types.ModuleType("pkg_resources")
+        shim.resource_filename = lambda package, path: str(importlib.resources.files(package).joinpath(path))
+        sys.modules["pkg_resources"] = shim
+    import imagecorruptions
+
+    return imagecorruptions
+
+
 def corrupt_images(images: Sequence, corruption: str, seed: int, severity: int = 3) -> list[np.ndarray]:
     """``images`` under one of 003's corruptions (Hendrycks & Dietterich's implementation in ``imagecorruptions``,
     at ``severity`` 1-5), as RGB uint8 arrays, reproducibly for a seed."""
-    from imagecorruptions import corrupt
+    corrupt = _imagecorruptions().corrupt
 
     from modelmerge.clip import to_rgb
 
