@@ -81,6 +81,11 @@ def task_vector(base: StateDict, model: StateDict) -> dict[str, Tensor]:
     return out
 
 
+def scaled_update(base: Mapping[str, Tensor], merged: Mapping[str, Tensor], lam: float) -> dict[str, Tensor]:
+    """theta_0 + lam (theta - theta_0): any task-vector merge at another scaling (TA and TIES are linear in lambda)."""
+    return {n: (base[n] + lam * (merged[n] - base[n]) if base[n].is_floating_point() else base[n]) for n in base}
+
+
 def task_vectors(base: StateDict, models: Sequence[StateDict]) -> list[dict[str, Tensor]]:
     """[theta_t - theta_0 for each t]."""
     return [task_vector(base, m) for m in models]

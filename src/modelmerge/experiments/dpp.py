@@ -19,10 +19,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from modelmerge.experiments.mats import scaled_update
 from modelmerge.experiments.suite import batches_of, split_logits
 from modelmerge.merge import task_arithmetic, ties
 from modelmerge.select import dpp_kernel, exact_map, log_det, quality_scores, sample_dpp, similarity_matrix
+from modelmerge.statedict import scaled_update
 
 State = dict[str, Tensor]
 Subset = tuple[str, ...]
@@ -40,14 +40,18 @@ PERTURBATIONS: dict[str, tuple[str, dict, str]] = {
 }
 
 
+def _check_corruption(corruption: str) -> None:
+    if corruption not in PERTURBATIONS:
+        raise KeyError(f"unknown corruption {corruption!r}; choose from {list(PERTURBATIONS)}")
+
+
 def perturb(texts: Sequence[str], corruption: str, seed: int) -> list[str]:
     """``texts`` under one of ``PERTURBATIONS`` (nlpaug with its default strengths), reproducibly for a seed."""
     import nlpaug.augmenter.char as nac
     import nlpaug.augmenter.word as naw
     from nlpaug.util import Randomness
 
-    if corruption not in PERTURBATIONS:
-        raise KeyError(f"unknown corruption {corruption!r}; choose from {list(PERTURBATIONS)}")
+    _check_corruption(corruption)
     path, kwargs, _ = PERTURBATIONS[corruption]
     module, cls = path.split(".")
     augmenter = getattr({"char": nac, "word": naw}[module], cls)(**kwargs)
@@ -87,8 +91,7 @@ def corrupt_images(images: Sequence, corruption: str, seed: int, severity: int =
 
     from modelmerge.clip import to_rgb
 
-    if corruption not in PERTURBATIONS:
-        raise KeyError(f"unknown corruption {corruption!r}; choose from {list(PERTURBATIONS)}")
+    _check_corruption(corruption)
     import skimage.util
 
     name = corruption.lower().replace(" ", "_")

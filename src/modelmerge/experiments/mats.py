@@ -18,7 +18,7 @@ from modelmerge.io import LazySafetensors, save_state_dict
 from modelmerge.merge import gradient_matching, mats
 from modelmerge.merge.regmean import ScaledGrams
 from modelmerge.solve import ConjugateGradient, total_relative_residual
-from modelmerge.statedict import StateDict
+from modelmerge.statedict import StateDict, scaled_update  # noqa: F401  (re-exported for the notebooks)
 
 #: 002 Fig. 2's rows (what CG starts from) and columns (which linear system it solves)
 INITIALISATIONS = ("average", "task arithmetic", "TIES", "diagonal Fisher merging", "RegMean")
@@ -165,11 +165,6 @@ def choose_on_validation(states: Mapping, score: Scorer, base: Mapping[str, Tens
         last = key
     best = max(scores, key=lambda k: (scores[k], -list(scores).index(k)))
     return best, scores
-
-
-def scaled_update(base: Mapping[str, Tensor], merged: Mapping[str, Tensor], lam: float) -> State:
-    """theta_0 + lam (theta - theta_0): any task-vector merge at another scaling (TIES is linear in its lambda)."""
-    return {n: (base[n] + lam * (merged[n] - base[n]) if base[n].is_floating_point() else base[n]) for n in base}
 
 
 def save_state(state: Mapping[str, Tensor], path: str | Path, meta: Mapping[str, str] | None = None) -> None:
