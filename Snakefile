@@ -20,6 +20,7 @@ include: "workflow/rules/suite.smk"
 include: "workflow/rules/suite_fig2.smk"
 include: "workflow/rules/mats.smk"
 include: "workflow/rules/dpp.smk"
+include: "workflow/rules/supermerge.smk"
 
 
 rule all:
@@ -32,4 +33,5 @@ rule all:
         suite_fig2_outputs(),
         mats_outputs(),
         dpp_outputs(),
+        supermerge_outputs(),
     default_target: True

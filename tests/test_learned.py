@@ -150,3 +150,11 @@ def test_hierarchical_merge_groups_similar_tasks_and_bounds_fan_in(two_tasks):
     _, tree = hierarchical_merge(base, four, val + val, merge_group, fan_in=2)
     assert tree == [[[0, 2], [1, 3]], [[0, 1]]]
     assert max(seen) <= 2 and len(seen) == 3
+
+
+def test_low_memory_similarity_is_the_same_cosine(two_tasks):
+    _, base, models, _ = two_tasks
+    gen = torch.Generator().manual_seed(3)
+    three = [*models, {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in models[0].items()}]
+    torch.testing.assert_close(task_vector_similarity(base, three, low_memory=True), task_vector_similarity(base, three),
+                               atol=1e-14, rtol=0)

@@ -69,6 +69,12 @@ def flops_training(p: int, tokens: int) -> float:
     return 3 * p * tokens
 
 
+def peak_memory_eq6(parameters: int, trainable: int, models_at_once: int, task_vector_parameters: int) -> float:
+    """004 App. A.2 Eq. 6, in bytes: 4 N_para (weights) + 4 N_train (gradients) + 8 N_train (Adam's two moments)
+    + 4 k N_tv (the task vectors of the k models merged at once; k = 0 for fine-tuning)."""
+    return 4 * parameters + 4 * trainable + 8 * trainable + 4 * models_at_once * task_vector_parameters
+
+
 # --- measured cost ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -78,6 +84,22 @@ class Measurement:
     seconds: float = 0.0
     peak_host_mb: float = 0.0
     peak_device_mb: float = 0.0
+
+
+def pin_malloc_threshold(threshold: int = 128 * 1024) -> bool:
+    """glibc only: serve every allocation above ``threshold`` bytes by its own mapping, returned to the system when
+    freed (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc from raising the threshold as large blocks are
+    freed). Resident memory then follows the tensors alive rather than what the allocator keeps; call it once at the
+    start of a process whose peak memory is measured. Returns False where it does not apply."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    M_MMAP_THRESHOLD = -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
 
 
 @contextmanager

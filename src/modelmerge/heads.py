@@ -110,9 +110,12 @@ class EncoderClassifier(nn.Module):
             f = mean_pool(out.last_hidden_state, inputs.get("attention_mask"))
         return F.normalize(f, dim=-1)
 
-    def forward(self, **inputs) -> SequenceClassifierOutput:
-        """Logits of the current task's head."""
-        return SequenceClassifierOutput(logits=self.heads[self.task](self.features(**inputs)))
+    def forward(self, task: str | None = None, **inputs) -> SequenceClassifierOutput:
+        """Logits of ``task``'s head (a batch may name its task), else of the current task's head."""
+        task = task or self.task
+        if task not in self.heads:
+            raise KeyError(f"no head for task {task!r}; heads: {sorted(self.heads)}")
+        return SequenceClassifierOutput(logits=self.heads[task](self.features(**inputs)))
 
     def encoder_state(self) -> dict[str, Tensor]:
         """The encoder's parameters and buffers: what task vectors and merges cover."""

@@ -113,7 +113,7 @@ class LazySafetensors(Mapping):
 
 def tensor_info(state: StateDict, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
     """(dtype, shape) of ``state[name]``, without reading data when ``state`` is lazy."""
-    if isinstance(state, LazySafetensors):
+    if isinstance(state, LazySafetensors) or callable(getattr(state, "info", None)):
         return state.info(name)
     t = state[name]
     return t.dtype, tuple(t.shape)

@@ -100,12 +100,17 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
     return {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if canonical[id(p)] != n}
 
 
+def to_device(value, device: torch.device):
+    """A tensor moved to ``device``; anything else (a batch's task name, say) as it is."""
+    return value.to(device) if isinstance(value, Tensor) else value
+
+
 def forward_merged(model: nn.Module, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
     """Logits of ``model`` with its parameters replaced by ``params`` (torch.func.functional_call)."""
     aliases = tied_aliases(model)
     params = {k: v for k, v in params.items() if k not in aliases}  # functional_call ties them back
     device = next(model.parameters()).device
-    kwargs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    kwargs = {k: to_device(v, device) for k, v in batch.items() if k != "labels"}
     out = functional_call(model, params, args=(), kwargs=kwargs)
     return out if isinstance(out, Tensor) else out.logits
 
@@ -128,9 +133,13 @@ def learn_merge_weights(
     lr: float = 1e-2,
     seed: int = 0,
     progress: bool = True,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> LearnedMerge:
     """Minimise the mean ``objective`` over ``batches`` with Adam on W only (004 Eq. 5); batches are shuffled
-    per epoch with ``seed``. The model's own parameters are never touched (and never copied)."""
+    per epoch with ``seed``. The model's own parameters are never touched (and never copied).
+
+    ``on_epoch(e)`` is called before epoch e and once more, with e = ``epochs``, after the last one (to time or
+    count a single epoch, say)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     model.eval()
@@ -139,9 +148,11 @@ def learn_merge_weights(
     gen = torch.Generator().manual_seed(seed)
     losses = []
     steps = tqdm(total=epochs * len(batches), desc="learning merge weights", disable=not progress, mininterval=2.0)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if on_epoch is not None:
+            on_epoch(epoch)
         for b in torch.randperm(len(batches), generator=gen).tolist():
-            batch = {k: v.to(merger.W.device) for k, v in batches[b].items()}
+            batch = {k: to_device(v, merger.W.device) for k, v in batches[b].items()}
             loss = merge_objective(objective, forward_merged(model, merger.merged(), batch), batch)
             opt.zero_grad()
             loss.backward()
@@ -150,6 +161,8 @@ def learn_merge_weights(
             losses.append(float(loss.detach()))
             steps.update()
     steps.close()
+    if on_epoch is not None:
+        on_epoch(epochs)
     with torch.no_grad():
         state = {k: v.detach().cpu().clone() for k, v in merger.merged().items()}
     return LearnedMerge(state, merger.coefficients().detach().cpu().clone(), losses)
@@ -167,10 +180,11 @@ def supermerge(
     lr: float = 1e-2,
     seed: int = 0,
     progress: bool = True,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> LearnedMerge:
     """SuperMerge (004): c = tanh(W) learned on labelled validation data; ``use_tanh=False`` is the ablation."""
     merger = LayerwiseMerge(base, models, init=init, activation="tanh" if use_tanh else "identity", tied=tied_aliases(model))
-    return learn_merge_weights(merger, model, batches, objective, epochs, lr, seed, progress)
+    return learn_merge_weights(merger, model, batches, objective, epochs, lr, seed, progress, on_epoch)
 
 
 def adamerging(
@@ -183,23 +197,42 @@ def adamerging(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> LearnedMerge:
     """AdaMerging (layer-wise): coefficients in [0, 1] that minimise prediction entropy on unlabelled inputs."""
     merger = LayerwiseMerge(base, models, init=init, activation="identity", clip=(0.0, 1.0), tied=tied_aliases(model))
-    return learn_merge_weights(merger, model, batches, "entropy", epochs, lr, seed, progress)
+    return learn_merge_weights(merger, model, batches, "entropy", epochs, lr, seed, progress, on_epoch)
 
 
-def task_vector_similarity(base: StateDict, models: Sequence[StateDict]) -> Tensor:
-    """Cosine similarity of the flattened task vectors, accumulated parameter by parameter (k x k)."""
+def task_vector_similarity(base: StateDict, models: Sequence[StateDict], low_memory: bool = False) -> Tensor:
+    """Cosine similarity of the flattened task vectors, accumulated parameter by parameter (k x k).
+
+    ``low_memory``: hold two task-vector tensors at a time (each pair's dot product in float64 chunks) instead of
+    all k, reading every model's tensor up to k times: for lazily read models whose count, not size, is the problem.
+    """
     k = len(models)
     gram = torch.zeros(k, k, dtype=torch.float64)
     for n in base.keys():
         if not base[n].is_floating_point():
             continue
-        taus = torch.stack([(m[n] - base[n]).reshape(-1).double() for m in models])
-        gram += taus @ taus.T
+        if not low_memory:
+            taus = torch.stack([(m[n] - base[n]).reshape(-1).double() for m in models])
+            gram += taus @ taus.T
+            continue
+        theta0 = base[n]
+        for a in range(k):
+            tau_a = (models[a][n] - theta0).reshape(-1)
+            for b in range(a + 1):
+                tau_b = tau_a if b == a else (models[b][n] - theta0).reshape(-1)
+                dot = sum(float(tau_a[i:i + CHUNK].double() @ tau_b[i:i + CHUNK].double())
+                          for i in range(0, tau_a.numel(), CHUNK))
+                gram[a, b] += dot
+                gram[b, a] = gram[a, b]
     norms = gram.diagonal().clamp_min(1e-300).sqrt()
     return gram / norms[:, None] / norms[None, :]
+
+
+CHUNK = 1 << 20  # entries per float64 chunk of a low-memory dot product
 
 
 def similarity_groups(similarity: Tensor, fan_in: int) -> list[list[int]]:
@@ -220,6 +253,7 @@ def similarity_groups(similarity: Tensor, fan_in: int) -> list[list[int]]:
 
 
 MergeGroup = Callable[[StateDict, Sequence[StateDict], Sequence[Mapping[str, Tensor]]], StateDict]
+Store = Callable[[StateDict, int, int], StateDict]
 
 
 def hierarchical_merge(
@@ -228,6 +262,7 @@ def hierarchical_merge(
     batches: Sequence[Sequence[Mapping[str, Tensor]]],
     merge_group: MergeGroup,
     fan_in: int = 2,
+    store: Store | None = None,
 ) -> tuple[StateDict, list[list[list[int]]]]:
     """Merge bottom-up over a tree of similar-task groups (004 Sec. 5, Fig. 4).
 
@@ -235,17 +270,27 @@ def hierarchical_merge(
     each group is merged by ``merge_group(base, group_models, group_batches)`` using only the validation
     batches of its own tasks, and the merged models form the next level. No call ever sees more than
     ``fan_in`` models, which bounds peak memory. Returns the final model and the groups of every level.
+
+    ``store(state, level, group)`` decides where each intermediate model lives until the next level reads it:
+    by default in memory; to bound memory as 004 does, write it to disk and return a lazy view of the file
+    (``modelmerge.io.LazySafetensors``), and pass the task models as lazy files too; with a ``store`` the grouping
+    similarities are also computed two task vectors at a time.
     """
     if len(batches) != len(models):
         raise MergeInputError(None, f"got {len(batches)} batch lists for {len(models)} models")
     current, data, tree = list(models), [list(b) for b in batches], []
     while len(current) > 1:
-        groups = similarity_groups(task_vector_similarity(base, current), fan_in)
+        groups = similarity_groups(task_vector_similarity(base, current, low_memory=store is not None), fan_in)
         tree.append(groups)
         merged, merged_data = [], []
-        for g in groups:
+        for index, g in enumerate(groups):
             group_data = [b for i in g for b in data[i]]
-            merged.append(current[g[0]] if len(g) == 1 else merge_group(base, [current[i] for i in g], group_data))
+            if len(g) == 1:
+                merged.append(current[g[0]])
+            else:
+                state = merge_group(base, [current[i] for i in g], group_data)
+                merged.append(state if store is None else store(state, len(tree) - 1, index))
+                del state
             merged_data.append(group_data)
         current, data = merged, merged_data
     return current[0], tree

@@ -1,0 +1,91 @@
+# Experiment on the suite: learned layer-wise merging (004). Every learned merge is a job of its own
+# (`python -m modelmerge.experiments.supermerge learn`), so its time, FLOPs and peak memory are measured in a
+# process that does nothing else; one notebook then tunes the baselines, scores everything and writes Tables 3-6
+# and Fig. 5a. Target: `snakemake --cores 2 supermerge`.
+SM = config["supermerge"]
+SM_DIR = f"{RESULTS}/supermerge"
+_unknown = sorted(set(SM["held_out"]) - set(SUITE_TASKS))
+if _unknown:
+    raise ValueError(f"supermerge.held_out names task(s) {_unknown} that are not suite tasks {SUITE_TASKS}")
+# in_domain: all eight tasks merged (Tables 3-5, Fig. 5a); held_out: merged without `held_out` (Tables 4 and 6)
+SM_SETTINGS = {"in_domain": SUITE_TASKS, "held_out": [t for t in SUITE_TASKS if t not in SM["held_out"]]}
+SM_LEARNED = {"in_domain": ["supermerge", "supermerge_no_tanh", "adamerging", "hierarchical"],
+              "held_out": ["supermerge", "supermerge_no_tanh", "adamerging"]}
+SM_TABLES = ["table3_in_domain", "table6_out_of_domain", "table4_tanh", "table5_cost", "baselines_tuning", "accuracies"]
+SM_FIGURES = ["fig5a_merge_weights", "learning_curves"]
+SM_PYTHON = shlex.quote(sys.executable)
+
+
+wildcard_constraints:
+    sm_setting="in_domain|held_out",
+    sm_method="supermerge|supermerge_no_tanh|adamerging|hierarchical",
+
+
+def supermerge_outputs() -> list[str]:
+    """The tracked figures and tables of the experiment."""
+    return [*[f for t in SM_TABLES for f in table_files("supermerge", t)],
+            *[f for fig in SM_FIGURES for f in figure_files("supermerge", fig)]]
+
+
+def supermerge_learned(kind: str) -> list[str]:
+    """Every learned merge's ``model.safetensors`` or ``learned.json``."""
+    return [f"{SM_DIR}/{s}/{m}/{kind}" for s, methods in SM_LEARNED.items() for m in methods]
+
+
+rule supermerge_learn:
+    """One learned merge of the suite's task models on their validation data, measured alone in its process."""
+    input:
+        models=[suite_model_file(m) for m in ["pretrained", *SUITE_TASKS]],
+        heads=suite_heads(),
+        splits=suite_splits(),
+        library=LIBRARY,
+    output:
+        model=f"{SM_DIR}/{{sm_setting}}/{{sm_method}}/model.safetensors",
+        record=f"{SM_DIR}/{{sm_setting}}/{{sm_method}}/learned.json",
+    log:
+        f"{RESULTS}/logs/supermerge/learn_{{sm_setting}}_{{sm_method}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/supermerge/learn_{{sm_setting}}_{{sm_method}}.tsv"
+    threads: 2
+    params:
+        tasks=lambda wc: " ".join(SM_SETTINGS[wc.sm_setting]),
+        out_dir=lambda wc, output: str(Path(output.model).parent),
+    shell:
+        "{SM_PYTHON} -m modelmerge.experiments.supermerge learn --method {wildcards.sm_method} --tasks {params.tasks}"
+        " --suite-dir {SUITE_DIR} --data-dir {SUITE_DATA} --out-dir {params.out_dir} --epochs {SM[epochs]}"
+        " --lr {SM[lr]} --init {SM[init]} --fan-in {SM[fan_in]} --batch-size {SM[batch_size]}"
+        " --max-length {SUITE[max_length]} --seed {SM[seed]} --threads {threads} > {log} 2>&1"
+
+
+rule supermerge_tables:
+    """004 Tables 3-6 and Fig. 5a: the baselines tuned on the same validation data, every merge scored on test."""
+    input:
+        notebook="notebooks/supermerge.ipynb",
+        models=[suite_model_file(m) for m in ["pretrained", *SUITE_MODELS]],
+        heads=suite_heads(),
+        learned=supermerge_learned("model.safetensors"),
+        records=supermerge_learned("learned.json"),
+        library=LIBRARY,
+    output:
+        supermerge_outputs(),
+    log:
+        notebook=f"{RESULTS}/logs/supermerge/tables.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/supermerge/tables.tsv"
+    threads: 2
+    params:
+        notebook=notebook_parameters({
+            "tasks": SUITE_TASKS, "suite_dir": SUITE_DIR, "data_dir": SUITE_DATA, "learned_dir": SM_DIR,
+            "out_dir": f"{FIGURES}/supermerge", "max_length": SUITE["max_length"],
+            "benchmarks_dir": f"{RESULTS}/benchmarks/supermerge",
+            **{k: SM[k] for k in ("held_out", "lambdas", "ties_k", "dare_p", "seed", "bf16", "fan_in")},
+        }),
+    retries: NOTEBOOK_RETRIES
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
+
+
+rule supermerge:
+    """Every figure and table of the learned-merging experiment."""
+    input:
+        supermerge_outputs(),
