@@ -141,7 +141,7 @@ def test_the_command_line_merge_is_what_its_recorded_coefficients_say(tiny_suite
     try:
         main(["learn", "--method", "supermerge_no_tanh", "--tasks", *TASKS, "--suite-dir", str(root), "--data-dir",
               str(data), "--out-dir", str(tmp_path), "--epochs", "2", "--lr", "0.05", "--batch-size", "4",
-              "--max-length", "16"])
+              "--max-length", "16", "--count-flops"])
     finally:
         torch.set_num_threads(threads)
     record = json.loads((tmp_path / "learned.json").read_text())
@@ -185,6 +185,9 @@ def test_ranks_share_the_best_rank_and_the_table_reads_like_004():
     table = rank_accuracy_table(acc, ["X", "Y", "Z"], reference=["Individual"]).set_index("method")
     assert table.loc["Individual", "a"] == "90.0" and table.loc["Individual", "Avg."] == "50.0"
     assert table.loc["X", "a"] == "2 (80.0)" and table.loc["Y", "Avg."] == "2.0 (55.0)" and table.loc["Z", "b"] == "1 (70.0)"
+    assert list(rank_accuracy_table(acc, ["X", "Z"], reference=["Individual"], unranked=["Y"])["method"]) == ["Individual", "X", "Z", "Y"]
+    unranked = rank_accuracy_table(acc, ["X", "Z"], unranked=["Y"]).set_index("method")
+    assert unranked.loc["Y", "a"] == "90.0" and unranked.loc["X", "a"] == "1 (80.0)"  # Y does not take X's rank
     grouped = rank_accuracy_table(acc, ["X", "Y", "Z"], groups={"In-domain": ["a"], "Out-of-domain": ["b"]}).set_index("method")
     assert grouped.loc["Z", "In-domain Avg."] == "3.0 (50.0)" and grouped.loc["Z", "Out-of-domain Avg."] == "1.0 (70.0)"
 

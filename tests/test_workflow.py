@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def test_every_configuration_dry_runs_the_whole_dag(config):
                 "toxicity_evaluate": 2 + len(tox["alphas"]) * (1 + len(tox["deltas"]))}
     n_tasks = len(yaml.safe_load(config.read_text())["suite"]["tasks"])
     suite = {"suite_data": 1, "suite_pretrained": 1, "suite_model": n_tasks + 1, "suite_curvature": n_tasks,
-             "suite_report": 1, "suite_fig2": 1, "mats_inits": 1, "mats_iterations": 1, "mats_merge": 1, "dpp_select": 1}
+             "suite_report": 1, "suite_fig2": 1, "mats_inits": 1, "mats_iterations": 1, "mats_merge": 1, "dpp_select": 1,
+             "supermerge_learn": 8, "supermerge_tables": 1}  # 5 learned merges of all tasks, 3 without the held-out ones
     assets = 4 if config.stem == "default" else 2  # the default run also fetches MiniLM and SmolLM2
     assert jobs == {"all": 1, "fetch_asset": assets, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1,
                     **sentiment, **toxicity, **suite}
@@ -53,6 +55,13 @@ def test_an_unknown_suite_task_is_refused_by_name(tmp_path):
     (tmp_path / "bad.yaml").write_text(text)
     proc = snakemake("-n", "--configfile", str(tmp_path / "bad.yaml"), check=False)
     assert proc.returncode != 0 and "imagenet" in proc.stdout + proc.stderr
+
+
+def test_an_unknown_held_out_task_is_refused_by_name(tmp_path):
+    text = (ROOT / "workflow/config/smoke.yaml").read_text().replace("held_out: [coachella, drug_condition]", "held_out: [imagenet]", 1)
+    (tmp_path / "bad.yaml").write_text(text)
+    proc = snakemake("-n", "--configfile", str(tmp_path / "bad.yaml"), check=False)
+    assert proc.returncode != 0 and "supermerge.held_out" in proc.stdout + proc.stderr and "imagenet" in proc.stdout + proc.stderr
 
 
 def test_schema_refuses_a_bad_configuration(tmp_path):
@@ -169,11 +178,46 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     table2_dpp = pd.read_csv(dpp / "table2_robustness.csv")
     assert {f"{c}: Avg." for c in ["clean", *smoke_dpp["corruptions"]]} <= set(table2_dpp.columns)
 
+    # SuperMerge: Tables 3 and 6 rank every method by its accuracy (ties share the better rank), Table 4 repeats
+    # their averages, Table 5 measured every learned merge, hierarchical with fan_in models at a time
+    smoke_sm = yaml.safe_load((ROOT / "workflow/config/smoke.yaml").read_text())["supermerge"]
+    sm = tmp_path / "figures" / "supermerge"
+    scores = pd.read_csv(sm / "accuracies.csv")
+    for setting, n_ranked in (("in_domain", 7), ("held_out", 6)):
+        ranked = scores[(scores.setting == setting) & scores["rank"].notna()]
+        assert ranked["method"].nunique() == n_ranked
+        for _, per_task in ranked.groupby("task"):
+            better = [(per_task["accuracy"] > a).sum() for a in per_task["accuracy"]]
+            assert list(per_task["rank"].astype(int)) == [1 + b for b in better]
+    table3 = pd.read_csv(sm / "table3_in_domain.csv").set_index("method")
+    in_domain = scores[scores.setting == "in_domain"]
+    for method in ("SuperMerge", "Hierarchical SuperMerge", "TIES"):
+        rows = in_domain[in_domain.method == method]
+        assert table3.loc[method, "Avg."] == f"{rows['rank'].mean():.1f} ({rows['accuracy'].mean():.1f})"
+    table6 = pd.read_csv(sm / "table6_out_of_domain.csv")
+    assert {"In-domain Avg.", "Out-of-domain Avg."} <= set(table6.columns)
+    assert any(c.startswith(smoke_sm["held_out"][0]) for c in table6.columns)
+    table4 = pd.read_csv(sm / "table4_tanh.csv").set_index("method")
+    sm_rows = in_domain[in_domain.method == "SuperMerge"]
+    assert table4.loc["SuperMerge", "In-domain Avg. accuracy (8 merged)"] == pytest.approx(sm_rows["accuracy"].mean())
+    table5 = pd.read_csv(sm / "table5_cost.csv").set_index("method")
+    assert len(table5) == 2 and (table5["FLOPs per epoch (measured)"] > 0).all()
+    flat, hier = table5.loc["SuperMerge"], table5.loc["Hierarchical SuperMerge"]
+    assert hier["trainable at once"] * 8 == flat["trainable at once"] * smoke_sm["fan_in"]
+    assert hier["FLOPs per epoch (measured)"] > flat["FLOPs per epoch (measured)"]
+    tree = json.loads((tmp_path / "results" / "supermerge" / "in_domain" / "hierarchical" / "learned.json").read_text())["tree"]
+    n, levels = len(smoke_suite["tasks"]), []  # groups of at most fan_in models per level, each level covers every task
+    while n > 1:
+        n = -(-n // smoke_sm["fan_in"])
+        levels.append(n)
+    assert [len(level) for level in tree] == levels
+    assert all(sorted(t for g in level for t in g) == sorted(smoke_suite["tasks"]) for level in tree)
+
     # a second run has nothing to do; rerunning the figure rules (models kept) gives identical bytes
-    tracked = ("linear", "data", "sentiment", "toxicity", "suite", "mats", "dpp")
+    tracked = ("linear", "data", "sentiment", "toxicity", "suite", "mats", "dpp", "supermerge")
     before = {d: digest(tmp_path / "figures" / d) for d in tracked}
     assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(snakemake(*overrides))
     snakemake(*overrides, "--forcerun", "linear_theorem1", "linear_mismatch", "sentiment_merge",
               "toxicity_evaluate", "toxicity_report", "suite_report", "suite_fig2", "mats_inits",
-              "mats_iterations", "mats_merge", "dpp_select")
+              "mats_iterations", "mats_merge", "dpp_select", "supermerge_tables")
     assert {d: digest(tmp_path / "figures" / d) for d in tracked} == before

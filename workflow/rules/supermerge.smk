@@ -9,16 +9,20 @@ if _unknown:
     raise ValueError(f"supermerge.held_out names task(s) {_unknown} that are not suite tasks {SUITE_TASKS}")
 # in_domain: all eight tasks merged (Tables 3-5, Fig. 5a); held_out: merged without `held_out` (Tables 4 and 6)
 SM_SETTINGS = {"in_domain": SUITE_TASKS, "held_out": [t for t in SUITE_TASKS if t not in SM["held_out"]]}
-SM_LEARNED = {"in_domain": ["supermerge", "supermerge_no_tanh", "adamerging", "hierarchical"],
+# adamerging_own_lr: AdaMerging at its paper's learning rate (`adamerging_own_lr`), a sensitivity check
+SM_LEARNED = {"in_domain": ["supermerge", "supermerge_no_tanh", "adamerging", "hierarchical", "adamerging_own_lr"],
               "held_out": ["supermerge", "supermerge_no_tanh", "adamerging"]}
-SM_TABLES = ["table3_in_domain", "table6_out_of_domain", "table4_tanh", "table5_cost", "baselines_tuning", "accuracies"]
+# Table 5 compares flat and hierarchical SuperMerge: only they count FLOPs (the counter slows an epoch by a third)
+SM_COUNT_FLOPS = [("in_domain", "supermerge"), ("in_domain", "hierarchical")]
+SM_TABLES = ["table3_in_domain", "table6_out_of_domain", "table4_tanh", "table5_cost", "claims", "baselines_tuning",
+             "accuracies"]
 SM_FIGURES = ["fig5a_merge_weights", "learning_curves"]
 SM_PYTHON = shlex.quote(sys.executable)
 
 
 wildcard_constraints:
     sm_setting="in_domain|held_out",
-    sm_method="supermerge|supermerge_no_tanh|adamerging|hierarchical",
+    sm_method="supermerge|supermerge_no_tanh|adamerging|hierarchical|adamerging_own_lr",
 
 
 def supermerge_outputs() -> list[str]:
@@ -50,11 +54,14 @@ rule supermerge_learn:
     params:
         tasks=lambda wc: " ".join(SM_SETTINGS[wc.sm_setting]),
         out_dir=lambda wc, output: str(Path(output.model).parent),
+        method=lambda wc: "adamerging" if wc.sm_method == "adamerging_own_lr" else wc.sm_method,
+        lr=lambda wc: SM["adamerging_own_lr"] if wc.sm_method == "adamerging_own_lr" else SM["lr"],
+        flops=lambda wc: "--count-flops" if (wc.sm_setting, wc.sm_method) in SM_COUNT_FLOPS else "",
     shell:
-        "{SM_PYTHON} -m modelmerge.experiments.supermerge learn --method {wildcards.sm_method} --tasks {params.tasks}"
+        "{SM_PYTHON} -m modelmerge.experiments.supermerge learn --method {params.method} --tasks {params.tasks}"
         " --suite-dir {SUITE_DIR} --data-dir {SUITE_DATA} --out-dir {params.out_dir} --epochs {SM[epochs]}"
-        " --lr {SM[lr]} --init {SM[init]} --fan-in {SM[fan_in]} --batch-size {SM[batch_size]}"
-        " --max-length {SUITE[max_length]} --seed {SM[seed]} --threads {threads} > {log} 2>&1"
+        " --lr {params.lr} --init {SM[init]} --fan-in {SM[fan_in]} --batch-size {SM[batch_size]}"
+        " --max-length {SUITE[max_length]} --seed {SM[seed]} --threads {threads} {params.flops} > {log} 2>&1"
 
 
 rule supermerge_tables:
@@ -78,7 +85,8 @@ rule supermerge_tables:
             "tasks": SUITE_TASKS, "suite_dir": SUITE_DIR, "data_dir": SUITE_DATA, "learned_dir": SM_DIR,
             "out_dir": f"{FIGURES}/supermerge", "max_length": SUITE["max_length"],
             "benchmarks_dir": f"{RESULTS}/benchmarks/supermerge",
-            **{k: SM[k] for k in ("held_out", "lambdas", "ties_k", "dare_p", "seed", "bf16", "fan_in")},
+            **{k: SM[k] for k in ("held_out", "lambdas", "ties_k", "dare_p", "seed", "bf16", "fan_in", "lr",
+                                  "adamerging_own_lr")},
         }),
     retries: NOTEBOOK_RETRIES
     shell:

@@ -177,7 +177,8 @@ class FirstEpochFlops:
 
 def measured_learned_merge(method: str, base_path: str, model_paths: Sequence[str], build, *, epochs: int, lr: float,
                            init: float = 0.3, fan_in: int = 2, seed: int = 0, prefix: str = "",
-                           store_dir: str | None = None, progress: bool = True) -> tuple[dict, dict]:
+                           store_dir: str | None = None, count_flops: bool = True,
+                           progress: bool = True) -> tuple[dict, dict]:
     """``learn_suite_merge`` on lazily read files, timed, FLOP-counted and memory-sampled (``cost.measure``).
 
     ``build()`` returns (skeleton module, one batch list per model); it runs once before the measurement (so
@@ -185,7 +186,8 @@ def measured_learned_merge(method: str, base_path: str, model_paths: Sequence[st
     Eq. 6 counts the model weights. The memory is the peak resident size
     above the process's level at entry (run each measurement in a fresh process; glibc's allocation threshold is
     pinned so that freed tensors leave the resident set, ``cost.pin_malloc_threshold``). FLOPs per epoch are counted on
-    the first epoch of every learning run (``FirstEpochFlops``; hierarchical: summed over its groups).
+    the first epoch of every learning run (``FirstEpochFlops``; hierarchical: summed over its groups) when
+    ``count_flops`` (the counter slows that epoch by about a third).
     """
     pin_malloc_threshold()
     skeleton, batches = build()  # a first build, dropped: imports and lazy module set-up do not count as the merge's
@@ -197,11 +199,12 @@ def measured_learned_merge(method: str, base_path: str, model_paths: Sequence[st
         base = Prefixed(LazySafetensors(base_path), prefix)
         models = [Prefixed(LazySafetensors(p), prefix) for p in model_paths]
         result = learn_suite_merge(method, base, models, skeleton, batches, epochs=epochs, lr=lr, init=init,
-                                   fan_in=fan_in, seed=seed, store_dir=store_dir, progress=progress, on_epoch=flops)
+                                   fan_in=fan_in, seed=seed, store_dir=store_dir, progress=progress,
+                                   on_epoch=flops if count_flops else None)
     n_tensors = len(coefficient_names(base, skeleton))
     total, at_once = trainable_parameters(method, len(models), n_tensors, result["tree"])
     cost = {"seconds": m.seconds, "peak_host_mb": m.peak_host_mb, "peak_device_mb": m.peak_device_mb,
-            "flops_per_epoch": int(flops.total), "learning_runs": flops.runs,
+            "flops_per_epoch": int(flops.total) if count_flops else None, "learning_runs": flops.runs,
             "epochs": epochs, "steps": len(result["losses"]), "examples": sum(len(b["labels"]) for bs in batches for b in bs),
             "parameters": sum(int(np.prod(tensor_info(base, n)[1])) for n in base.keys()),
             "task_vector_parameters": sum(int(np.prod(tensor_info(base, n)[1])) for n in coefficient_names(base, skeleton)),
@@ -228,7 +231,8 @@ def _learn(args: argparse.Namespace) -> None:
     result, cost = measured_learned_merge(
         args.method, str(suite / "models" / "pretrained" / "model.safetensors"),
         [str(suite / "models" / t / "model.safetensors") for t in args.tasks], build, epochs=args.epochs, lr=args.lr,
-        init=args.init, fan_in=args.fan_in, seed=args.seed, prefix="encoder.", store_dir=args.out_dir)
+        init=args.init, fan_in=args.fan_in, seed=args.seed, prefix="encoder.", store_dir=args.out_dir,
+        count_flops=args.count_flops)
     out = Path(args.out_dir)
     save_state_dict(strip_prefix(result["state"], "encoder."), out / "model.safetensors",
                     metadata={"method": args.method, "tasks": ",".join(args.tasks)})
@@ -242,8 +246,9 @@ def _learn(args: argparse.Namespace) -> None:
         "cost": cost, "wall_seconds": time.perf_counter() - start,
     }
     atomic_write_text(out / "learned.json", json.dumps(record, indent=1) + "\n")
+    flops = f", {cost['flops_per_epoch']:.3g} FLOPs per epoch" if args.count_flops else ""
     print(f"{LEARNED[args.method]} of {len(args.tasks)} tasks: {cost['steps']} steps, {cost['seconds']:.0f} s, "
-          f"peak {cost['peak_host_mb']:.0f} MB above start, {cost['flops_per_epoch']:.3g} FLOPs per epoch")
+          f"peak {cost['peak_host_mb']:.0f} MB above start{flops}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -263,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     learn.add_argument("--max-length", type=int, default=64)
     learn.add_argument("--seed", type=int, default=0)
     learn.add_argument("--threads", type=int, default=1)
+    learn.add_argument("--count-flops", action="store_true", help="count the FLOPs of the first epoch (slows it)")
     args = parser.parse_args(argv)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     _learn(args)
@@ -281,14 +287,16 @@ def ranks(accuracy: pd.DataFrame) -> pd.DataFrame:
 
 
 def rank_accuracy_table(accuracy: pd.DataFrame, ranked: Sequence[str], reference: Sequence[str] = (),
-                        groups: Mapping[str, Sequence[str]] | None = None, digits: int = 1) -> pd.DataFrame:
+                        groups: Mapping[str, Sequence[str]] | None = None, digits: int = 1,
+                        unranked: Sequence[str] = ()) -> pd.DataFrame:
     """004's layout: one row per method, "rank (accuracy %)" per task, and per group of tasks an "Avg." column
-    "mean rank (mean accuracy %)"; ``reference`` rows (Individual, Multitask) are shown with accuracy only and do
-    not take part in the ranking. ``accuracy`` holds fractions, methods x tasks."""
+    "mean rank (mean accuracy %)"; ``reference`` rows (Individual, Multitask; first) and ``unranked`` rows
+    (sensitivity checks; last) are shown with accuracy only and do not take part in the ranking. ``accuracy`` holds
+    fractions, methods x tasks."""
     groups = dict(groups or {"": list(accuracy.columns)})
     r = ranks(accuracy.loc[list(ranked)])
     rows = []
-    for method in [*reference, *ranked]:
+    for method in [*reference, *ranked, *unranked]:
         row = {"method": method}
         for name, cols in groups.items():
             avg = f"{name} Avg.".strip()
