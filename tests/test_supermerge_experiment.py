@@ -134,12 +134,14 @@ def test_hierarchical_through_files_equals_in_memory_and_full_fan_in_equals_flat
     assert trainable_parameters("supermerge", 4, 10) == (40, 40)
 
 
-def test_the_command_line_merge_is_what_its_recorded_coefficients_say(tiny_suite, tmp_path):
-    """learned.json's c reproduce the saved encoder: theta = theta_0 + sum_i c_ij tau_ij for every tensor j."""
+@pytest.mark.parametrize("method", ["supermerge", "supermerge_no_tanh", "adamerging"])
+def test_the_command_line_merge_is_what_its_recorded_coefficients_say(tiny_suite, tmp_path, method):
+    """learned.json's c (tanh(w) for SuperMerge, w for the ablation, w in [0, 1] for AdaMerging) reproduce the saved
+    encoder: theta = theta_0 + sum_i c_ij tau_ij for every tensor j."""
     root, data = tiny_suite
     threads = torch.get_num_threads()
     try:
-        main(["learn", "--method", "supermerge_no_tanh", "--tasks", *TASKS, "--suite-dir", str(root), "--data-dir",
+        main(["learn", "--method", method, "--tasks", *TASKS, "--suite-dir", str(root), "--data-dir",
               str(data), "--out-dir", str(tmp_path), "--epochs", "2", "--lr", "0.05", "--batch-size", "4",
               "--max-length", "16", "--count-flops"])
     finally:
@@ -151,12 +153,33 @@ def test_the_command_line_merge_is_what_its_recorded_coefficients_say(tiny_suite
     c = torch.tensor(record["coefficients"], dtype=torch.float64)
     assert record["tasks"] == TASKS and c.shape == (len(TASKS), len(record["names"]))
     assert not torch.allclose(c, torch.full_like(c, 0.3))  # it learned something
+    assert bool((c.abs() < 1).all()) if method == "supermerge" else True
+    assert bool(((c >= 0) & (c <= 1)).all()) if method == "adamerging" else True
     for j, n in enumerate(record["names"]):
         expected = base[n].double() + sum(c[i, j] * (models[i][n].double() - base[n].double()) for i in range(len(TASKS)))
         torch.testing.assert_close(merged[n].double(), expected, atol=1e-6, rtol=1e-5)
     cost = record["cost"]
     assert cost["steps"] == len(record["losses"]) == 2 * 3 * len(TASKS)  # 2 epochs x 3 batches of 4 per task
     assert cost["trainable"] == c.numel() and cost["examples"] == 12 * len(TASKS) and cost["flops_per_epoch"] > 0
+
+
+def test_counted_flops_of_a_learned_merge_epoch_match_the_count_by_hand():
+    """Per step: the merge c @ tau and its gradient tau @ g (2 k n FLOPs each per tensor of n entries), each linear
+    layer's forward and weight gradient (2 B d_in d_out each), and the input gradient of every layer but the first."""
+    from modelmerge.merge import supermerge
+
+    torch.manual_seed(0)
+    a, h, o, batch, k = 5, 7, 3, 4, 3
+    skeleton = nn.Sequential(nn.Linear(a, h), nn.Tanh(), nn.Linear(h, o)).double()
+    base = {n: v.detach().clone() for n, v in skeleton.state_dict().items()}
+    models = [{n: v + 0.1 * torch.randn_like(v) for n, v in base.items()} for _ in range(k)]
+    batches = [{"input": torch.randn(batch, a, dtype=torch.float64), "labels": torch.randint(0, o, (batch,))}
+               for _ in range(2)]
+    counter = FirstEpochFlops()
+    supermerge(base, models, skeleton, batches, epochs=2, lr=0.01, progress=False, on_epoch=counter)
+    merge = sum(4 * k * v.numel() for v in base.values())
+    layers = 2 * batch * a * h * 2 + 2 * batch * h * o * 3
+    assert counter.total == len(batches) * (merge + layers) and counter.runs == 1
 
 
 def test_first_epoch_flops_are_an_epochs_matrix_products():

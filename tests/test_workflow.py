@@ -44,7 +44,9 @@ def test_every_configuration_dry_runs_the_whole_dag(config):
     n_tasks = len(yaml.safe_load(config.read_text())["suite"]["tasks"])
     suite = {"suite_data": 1, "suite_pretrained": 1, "suite_model": n_tasks + 1, "suite_curvature": n_tasks,
              "suite_report": 1, "suite_fig2": 1, "mats_inits": 1, "mats_iterations": 1, "mats_merge": 1, "dpp_select": 1,
-             "supermerge_learn": 8, "supermerge_tables": 1}  # 5 learned merges of all tasks, 3 without the held-out ones
+             # 4 learned merges of all tasks (+ AdaMerging at each extra learning rate), 3 without the held-out ones
+             "supermerge_learn": 7 + len(yaml.safe_load(config.read_text())["supermerge"]["adamerging_extra_lrs"]),
+             "supermerge_tables": 1}
     assets = 4 if config.stem == "default" else 2  # the default run also fetches MiniLM and SmolLM2
     assert jobs == {"all": 1, "fetch_asset": assets, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1,
                     **sentiment, **toxicity, **suite}

@@ -81,6 +81,11 @@ def task_vector(base: StateDict, model: StateDict) -> dict[str, Tensor]:
     return out
 
 
+def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries whose names start with ``prefix``, named without it (a suite model's encoder as the encoder)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def scaled_update(base: Mapping[str, Tensor], merged: Mapping[str, Tensor], lam: float) -> dict[str, Tensor]:
     """theta_0 + lam (theta - theta_0): any task-vector merge at another scaling (TA and TIES are linear in lambda)."""
     return {n: (base[n] + lam * (merged[n] - base[n]) if base[n].is_floating_point() else base[n]) for n in base}

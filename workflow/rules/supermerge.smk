@@ -7,10 +7,13 @@ SM_DIR = f"{RESULTS}/supermerge"
 _unknown = sorted(set(SM["held_out"]) - set(SUITE_TASKS))
 if _unknown:
     raise ValueError(f"supermerge.held_out names task(s) {_unknown} that are not suite tasks {SUITE_TASKS}")
+if len(set(SM["held_out"])) > len(SUITE_TASKS) - 2:
+    raise ValueError(f"supermerge.held_out {SM['held_out']} leaves fewer than two of the suite's tasks to merge")
 # in_domain: all eight tasks merged (Tables 3-5, Fig. 5a); held_out: merged without `held_out` (Tables 4 and 6)
 SM_SETTINGS = {"in_domain": SUITE_TASKS, "held_out": [t for t in SUITE_TASKS if t not in SM["held_out"]]}
-# adamerging_own_lr: AdaMerging at its paper's learning rate (`adamerging_own_lr`), a sensitivity check
-SM_LEARNED = {"in_domain": ["supermerge", "supermerge_no_tanh", "adamerging", "hierarchical", "adamerging_own_lr"],
+# adamerging_lr<x>: AdaMerging again at learning rate x (`adamerging_extra_lrs`), a sensitivity check
+SM_LEARNED = {"in_domain": ["supermerge", "supermerge_no_tanh", "adamerging", "hierarchical",
+                            *[f"adamerging_lr{lr:g}" for lr in SM["adamerging_extra_lrs"]]],
               "held_out": ["supermerge", "supermerge_no_tanh", "adamerging"]}
 # Table 5 compares flat and hierarchical SuperMerge: only they count FLOPs (the counter slows an epoch by a third)
 SM_COUNT_FLOPS = [("in_domain", "supermerge"), ("in_domain", "hierarchical")]
@@ -22,7 +25,7 @@ SM_PYTHON = shlex.quote(sys.executable)
 
 wildcard_constraints:
     sm_setting="in_domain|held_out",
-    sm_method="supermerge|supermerge_no_tanh|adamerging|hierarchical|adamerging_own_lr",
+    sm_method="supermerge|supermerge_no_tanh|adamerging|hierarchical|adamerging_lr[0-9.e+-]+",
 
 
 def supermerge_outputs() -> list[str]:
@@ -54,8 +57,9 @@ rule supermerge_learn:
     params:
         tasks=lambda wc: " ".join(SM_SETTINGS[wc.sm_setting]),
         out_dir=lambda wc, output: str(Path(output.model).parent),
-        method=lambda wc: "adamerging" if wc.sm_method == "adamerging_own_lr" else wc.sm_method,
-        lr=lambda wc: SM["adamerging_own_lr"] if wc.sm_method == "adamerging_own_lr" else SM["lr"],
+        method=lambda wc: wc.sm_method.split("_lr")[0],
+        lr=lambda wc: (float(wc.sm_method.split("_lr")[1]) if "_lr" in wc.sm_method
+                       else SM["adamerging_lr"] if wc.sm_method == "adamerging" else SM["lr"]),
         flops=lambda wc: "--count-flops" if (wc.sm_setting, wc.sm_method) in SM_COUNT_FLOPS else "",
     shell:
         "{SM_PYTHON} -m modelmerge.experiments.supermerge learn --method {params.method} --tasks {params.tasks}"
@@ -84,9 +88,8 @@ rule supermerge_tables:
         notebook=notebook_parameters({
             "tasks": SUITE_TASKS, "suite_dir": SUITE_DIR, "data_dir": SUITE_DATA, "learned_dir": SM_DIR,
             "out_dir": f"{FIGURES}/supermerge", "max_length": SUITE["max_length"],
-            "benchmarks_dir": f"{RESULTS}/benchmarks/supermerge",
-            **{k: SM[k] for k in ("held_out", "lambdas", "ties_k", "dare_p", "seed", "bf16", "fan_in", "lr",
-                                  "adamerging_own_lr")},
+            **{k: SM[k] for k in ("held_out", "lambdas", "ties_k", "dare_p", "seed", "bf16", "lr",
+                                  "adamerging_lr", "adamerging_extra_lrs")},
         }),
     retries: NOTEBOOK_RETRIES
     shell:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from modelmerge.heads import EncoderClassifier, LinearHead, encode, fit_linear_probe
+from modelmerge.statedict import strip_prefix
 
 CURVATURE_KINDS = ("fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac_train", "kfac_validation",
                    "kfac_sampled")
@@ -343,10 +344,6 @@ def suite_finetune(
 
 # --- curvature -----------------------------------------------------------------------------------------------------
 
-def _strip(prefix: str, d: Mapping) -> dict:
-    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
-
-
 def suite_curvature(
     task: str, tasks: Sequence[str], pretrained_dir: str, heads_dir: str, model_dir: str, data_dir: str, out_dir: str, *,
     max_length: int, max_examples: int, batch_size: int = 32, threads: int = 1, seed: int = 0,
@@ -368,14 +365,14 @@ def suite_curvature(
                                 ("fisher_sampled", "train", "sampled")):
         f = diagonal_fisher(model, batches[split], fisher=fisher, seed=seed, device=device(),
                             data=f"{task} {split} ({len(data[split])} examples)")
-        DiagonalFisher(_strip("encoder.", f.f_sum), f.n, f.meta).save(out / f"{kind}.safetensors")
+        DiagonalFisher(strip_prefix(f.f_sum, "encoder."), f.n, f.meta).save(out / f"{kind}.safetensors")
         lines.append(f"{kind}: N = {f.n}")
     for name, kind, split, fisher in (("gram", "gram", "train", "empirical"), ("kfac_train", "kfac", "train", "empirical"),
                                       ("kfac_validation", "kfac", "validation", "empirical"),
                                       ("kfac_sampled", "kfac", "train", "sampled")):
         lf = layer_factors(model, batches[split], kind=kind, fisher=fisher, seed=seed, device=device(),
                            data=f"{task} {split} ({len(data[split])} examples)")
-        LayerFactors(kind, _strip("encoder.", lf.A), _strip("encoder.", lf.B), _strip("encoder.", lf.in_axis), lf.n,
+        LayerFactors(kind, strip_prefix(lf.A, "encoder."), strip_prefix(lf.B, "encoder."), strip_prefix(lf.in_axis, "encoder."), lf.n,
                      lf.meta).save(out / f"{name}.safetensors")
         lines.append(f"{name}: {len(lf.A)} layers, N = {lf.n}")
     return f"{task}: " + "; ".join(lines) + f"; {time.perf_counter() - start:.1f} s on {device()}"

@@ -20,12 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from modelmerge.cost import measure, pin_malloc_threshold
 from modelmerge.io import LazySafetensors, atomic_write_text, save_state_dict, tensor_info
-from modelmerge.merge.learned import adamerging, hierarchical_merge, supermerge, tied_aliases
-from modelmerge.statedict import StateDict
+from modelmerge.merge.learned import Chained, adamerging, hierarchical_merge, supermerge, tied_aliases
+from modelmerge.statedict import StateDict, strip_prefix
 
 #: the learned merges: file-name key -> how 004's tables name it
 LEARNED = {
@@ -63,18 +64,31 @@ class Prefixed(Mapping):
         return tensor_info(self.state, name[len(self.prefix):])
 
 
-def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """The inverse of ``Prefixed``, materialised."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+class TaggedBatches(Sequence):
+    """A task's batches, each read when indexed (image batches are preprocessed then) and given the task's name, so
+    the suite model scores it with that task's frozen head; ``drop`` removes keys (AdaMerging: the labels)."""
+
+    def __init__(self, batches: Sequence[Mapping], task: str, examples: int, drop: Sequence[str] = ()):
+        self.batches, self.task, self.examples, self.drop = batches, task, examples, tuple(drop)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**{k: v for k, v in self.batches[i].items() if k not in self.drop}, "task": self.task}
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def without(self, *keys: str) -> TaggedBatches:
+        """The same batches without ``keys``."""
+        return TaggedBatches(self.batches, self.task, self.examples, self.drop + keys)
 
 
 def tagged_batches(tokenizer, frames: Mapping[str, pd.DataFrame], batch_size: int, max_length: int,
-                   seed: int = 0) -> dict[str, list[dict]]:
-    """task -> its (shuffled, seeded) batches, each carrying its task's name so the suite model scores it with that
-    task's frozen head: the supervised loss of 004 Eq. 5 summed over tasks."""
+                   seed: int = 0) -> dict[str, TaggedBatches]:
+    """task -> its (shuffled, seeded) batches tagged with the task: the supervised loss of 004 Eq. 5 is then the
+    loss of each task's examples under that task's frozen head."""
     from modelmerge.experiments.suite import batches_of
 
-    return {t: [{**b, "task": t} for b in batches_of(tokenizer, f, batch_size, max_length, True, seed + i)]
+    return {t: TaggedBatches(batches_of(tokenizer, f, batch_size, max_length, True, seed + i), t, len(f))
             for i, (t, f) in enumerate(frames.items())}
 
 
@@ -105,7 +119,7 @@ def learn_suite_merge(
         raise ValueError(f"method must be one of {sorted(LEARNED)}, got {method!r}")
     if len(batches) != len(models):
         raise ValueError(f"got {len(batches)} batch lists for {len(models)} models")
-    flat = [b for bs in batches for b in bs]
+    flat = Chained(batches)
     common = dict(epochs=epochs, lr=lr, seed=seed, progress=progress, on_epoch=on_epoch)
     if method == "hierarchical":
         losses: list[float] = []
@@ -125,7 +139,8 @@ def learn_suite_merge(
             state = {k: merged[k].clone() for k in merged}  # out of the temporary folder before it goes
         return {"state": state, "coefficients": None, "names": None, "losses": losses, "tree": tree}
     if method == "adamerging":
-        unlabelled = [{k: v for k, v in b.items() if k != "labels"} for b in flat]
+        unlabelled = Chained([bs.without("labels") if isinstance(bs, TaggedBatches) else
+                              [{k: v for k, v in b.items() if k != "labels"} for b in bs] for bs in batches])
         result = adamerging(base, models, skeleton, unlabelled, init=init, **common)
     else:
         result = supermerge(base, models, skeleton, flat, init=init, use_tanh=method == "supermerge", **common)
@@ -157,9 +172,26 @@ def tree_names(tree: Sequence[Sequence[Sequence[int]]], tasks: Sequence[str]) ->
     return out
 
 
+class _CountFlops(TorchDispatchMode):
+    """Adds up the FLOPs ``torch.utils.flop_counter`` assigns to every operator that runs (matrix products,
+    attention, convolutions), without its per-module bookkeeping (half its overhead)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
 class FirstEpochFlops:
-    """An ``on_epoch`` callback that counts the FLOPs (``torch.utils.flop_counter``: matrix products, forward and
-    backward) of the first epoch of every learning run it is given to, and adds them up. Every epoch passes over
+    """An ``on_epoch`` callback that counts the FLOPs (as ``torch.utils.flop_counter`` does: matrix products, forward
+    and backward) of the first epoch of every learning run it is given to, and adds them up. Every epoch passes over
     the same batches, so this is the FLOPs per epoch, without the counter's overhead on the other epochs."""
 
     def __init__(self):
@@ -167,12 +199,25 @@ class FirstEpochFlops:
 
     def __call__(self, epoch: int) -> None:
         if epoch == 0 and self._mode is None:
-            self._mode = FlopCounterMode(display=False)
+            self._mode = _CountFlops()
             self._mode.__enter__()
         elif epoch > 0 and self._mode is not None:
-            self.total += self._mode.get_total_flops()
             self._mode.__exit__(None, None, None)
+            self.total += self._mode.total
             self._mode, self.runs = None, self.runs + 1
+
+
+def skeleton_base(skeleton: nn.Module, base: StateDict) -> dict[str, Tensor]:
+    """The pretrained weights as the (CPU) skeleton already holds them, so they are not in memory twice, after
+    checking, one tensor at a time, that they are ``base``'s."""
+    own = dict(skeleton.state_dict(keep_vars=False))
+    out = {}
+    for n in base.keys():
+        theta0 = base[n]
+        if n not in own or not torch.equal(own[n].cpu(), theta0):
+            raise ValueError(f"the skeleton's {n!r} is not the base model's: build the skeleton from the base weights")
+        out[n] = own[n].detach() if own[n].device.type == "cpu" else theta0  # a GPU skeleton: the base stays on the host
+    return out
 
 
 def measured_learned_merge(method: str, base_path: str, model_paths: Sequence[str], build, *, epochs: int, lr: float,
@@ -187,7 +232,7 @@ def measured_learned_merge(method: str, base_path: str, model_paths: Sequence[st
     above the process's level at entry (run each measurement in a fresh process; glibc's allocation threshold is
     pinned so that freed tensors leave the resident set, ``cost.pin_malloc_threshold``). FLOPs per epoch are counted on
     the first epoch of every learning run (``FirstEpochFlops``; hierarchical: summed over its groups) when
-    ``count_flops`` (the counter slows that epoch by about a third).
+    ``count_flops`` (the counter slows that epoch by about a fifth).
     """
     pin_malloc_threshold()
     skeleton, batches = build()  # a first build, dropped: imports and lazy module set-up do not count as the merge's
@@ -196,16 +241,17 @@ def measured_learned_merge(method: str, base_path: str, model_paths: Sequence[st
     flops = FirstEpochFlops()
     with measure() as m:
         skeleton, batches = build()
-        base = Prefixed(LazySafetensors(base_path), prefix)
+        base = skeleton_base(skeleton, Prefixed(LazySafetensors(base_path), prefix))
         models = [Prefixed(LazySafetensors(p), prefix) for p in model_paths]
         result = learn_suite_merge(method, base, models, skeleton, batches, epochs=epochs, lr=lr, init=init,
                                    fan_in=fan_in, seed=seed, store_dir=store_dir, progress=progress,
                                    on_epoch=flops if count_flops else None)
     n_tensors = len(coefficient_names(base, skeleton))
+    examples = sum(bs.examples if isinstance(bs, TaggedBatches) else sum(len(b["labels"]) for b in bs) for bs in batches)
     total, at_once = trainable_parameters(method, len(models), n_tensors, result["tree"])
     cost = {"seconds": m.seconds, "peak_host_mb": m.peak_host_mb, "peak_device_mb": m.peak_device_mb,
             "flops_per_epoch": int(flops.total) if count_flops else None, "learning_runs": flops.runs,
-            "epochs": epochs, "steps": len(result["losses"]), "examples": sum(len(b["labels"]) for bs in batches for b in bs),
+            "epochs": epochs, "steps": len(result["losses"]), "examples": examples,
             "parameters": sum(int(np.prod(tensor_info(base, n)[1])) for n in base.keys()),
             "task_vector_parameters": sum(int(np.prod(tensor_info(base, n)[1])) for n in coefficient_names(base, skeleton)),
             "trainable": total, "trainable_at_once": at_once, "threads": torch.get_num_threads(),
@@ -274,9 +320,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     _learn(args)
 
 
-if __name__ == "__main__":
-    main()
-
 
 # --- 004's tables: rank (accuracy) ---------------------------------------------------------------------------------
 
@@ -308,3 +351,7 @@ def rank_accuracy_table(accuracy: pd.DataFrame, ranked: Sequence[str], reference
                 row[c] = f"{r.loc[method, c]} ({acc:.{digits}f})" if method in r.index else f"{acc:.{digits}f}"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -100,7 +101,7 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
     return {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if canonical[id(p)] != n}
 
 
-def to_device(value, device: torch.device):
+def move_to(value, device: torch.device):
     """A tensor moved to ``device``; anything else (a batch's task name, say) as it is."""
     return value.to(device) if isinstance(value, Tensor) else value
 
@@ -110,7 +111,7 @@ def forward_merged(model: nn.Module, params: Mapping[str, Tensor], batch: Mappin
     aliases = tied_aliases(model)
     params = {k: v for k, v in params.items() if k not in aliases}  # functional_call ties them back
     device = next(model.parameters()).device
-    kwargs = {k: to_device(v, device) for k, v in batch.items() if k != "labels"}
+    kwargs = {k: move_to(v, device) for k, v in batch.items() if k != "labels"}
     out = functional_call(model, params, args=(), kwargs=kwargs)
     return out if isinstance(out, Tensor) else out.logits
 
@@ -152,7 +153,7 @@ def learn_merge_weights(
         if on_epoch is not None:
             on_epoch(epoch)
         for b in torch.randperm(len(batches), generator=gen).tolist():
-            batch = {k: to_device(v, merger.W.device) for k, v in batches[b].items()}
+            batch = {k: move_to(v, merger.W.device) for k, v in batches[b].items()}
             loss = merge_objective(objective, forward_merged(model, merger.merged(), batch), batch)
             opt.zero_grad()
             loss.backward()
@@ -252,6 +253,23 @@ def similarity_groups(similarity: Tensor, fan_in: int) -> list[list[int]]:
     return groups
 
 
+class Chained(Sequence):
+    """Several batch sequences as one, nothing read until indexed."""
+
+    def __init__(self, parts: Sequence[Sequence]):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0, *[len(p) for p in self.parts]])
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part][i - int(self.starts[part])]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+
 MergeGroup = Callable[[StateDict, Sequence[StateDict], Sequence[Mapping[str, Tensor]]], StateDict]
 Store = Callable[[StateDict, int, int], StateDict]
 
@@ -278,13 +296,13 @@ def hierarchical_merge(
     """
     if len(batches) != len(models):
         raise MergeInputError(None, f"got {len(batches)} batch lists for {len(models)} models")
-    current, data, tree = list(models), [list(b) for b in batches], []
+    current, data, tree = list(models), list(batches), []
     while len(current) > 1:
         groups = similarity_groups(task_vector_similarity(base, current, low_memory=store is not None), fan_in)
         tree.append(groups)
         merged, merged_data = [], []
         for index, g in enumerate(groups):
-            group_data = [b for i in g for b in data[i]]
+            group_data = Chained([data[i] for i in g])  # read batch by batch, never all at once
             if len(g) == 1:
                 merged.append(current[g[0]])
             else:
