@@ -158,3 +158,20 @@ def test_low_memory_similarity_is_the_same_cosine(two_tasks):
     three = [*models, {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in models[0].items()}]
     torch.testing.assert_close(task_vector_similarity(base, three, low_memory=True), task_vector_similarity(base, three),
                                atol=1e-14, rtol=0)
+
+
+def test_chained_batches_index_across_parts_lazily():
+    from modelmerge.merge.learned import Chained
+
+    reads = []
+
+    class Part(list):
+        def __getitem__(self, i):
+            reads.append(i)
+            return list.__getitem__(self, i)
+
+    chained = Chained([Part([1, 2]), Part([]), Part([3]), Part([4, 5, 6])])
+    assert len(chained) == 6 and reads == []
+    assert [chained[i] for i in range(6)] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(IndexError):
+        chained[6]

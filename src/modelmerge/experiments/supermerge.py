@@ -119,7 +119,6 @@ def learn_suite_merge(
         raise ValueError(f"method must be one of {sorted(LEARNED)}, got {method!r}")
     if len(batches) != len(models):
         raise ValueError(f"got {len(batches)} batch lists for {len(models)} models")
-    flat = Chained(batches)
     common = dict(epochs=epochs, lr=lr, seed=seed, progress=progress, on_epoch=on_epoch)
     if method == "hierarchical":
         losses: list[float] = []
@@ -136,14 +135,15 @@ def learn_suite_merge(
                 return LazySafetensors(path)
 
             merged, tree = hierarchical_merge(base, models, batches, merge_group, fan_in=fan_in, store=store)
-            state = {k: merged[k].clone() for k in merged}  # out of the temporary folder before it goes
+            state = dict(merged.items())  # read into memory before the temporary folder goes
         return {"state": state, "coefficients": None, "names": None, "losses": losses, "tree": tree}
     if method == "adamerging":
         unlabelled = Chained([bs.without("labels") if isinstance(bs, TaggedBatches) else
                               [{k: v for k, v in b.items() if k != "labels"} for b in bs] for bs in batches])
         result = adamerging(base, models, skeleton, unlabelled, init=init, **common)
     else:
-        result = supermerge(base, models, skeleton, flat, init=init, use_tanh=method == "supermerge", **common)
+        result = supermerge(base, models, skeleton, Chained(batches), init=init, use_tanh=method == "supermerge",
+                            **common)
     return {"state": result.state, "coefficients": result.coefficients, "names": coefficient_names(base, skeleton),
             "losses": result.losses, "tree": None}
 
@@ -167,8 +167,8 @@ def tree_names(tree: Sequence[Sequence[Sequence[int]]], tasks: Sequence[str]) ->
     """``hierarchical_merge``'s groups (indices into each level's models) as the tasks every group covers."""
     covers, out = [[t] for t in tasks], []
     for level in tree:
-        out.append([[t for i in g for t in covers[i]] for g in level])
         covers = [[t for i in g for t in covers[i]] for g in level]
+        out.append(covers)
     return out
 
 
@@ -246,14 +246,14 @@ def measured_learned_merge(method: str, base_path: str, model_paths: Sequence[st
         result = learn_suite_merge(method, base, models, skeleton, batches, epochs=epochs, lr=lr, init=init,
                                    fan_in=fan_in, seed=seed, store_dir=store_dir, progress=progress,
                                    on_epoch=flops if count_flops else None)
-    n_tensors = len(coefficient_names(base, skeleton))
+    names = coefficient_names(base, skeleton)
     examples = sum(bs.examples if isinstance(bs, TaggedBatches) else sum(len(b["labels"]) for b in bs) for bs in batches)
-    total, at_once = trainable_parameters(method, len(models), n_tensors, result["tree"])
+    total, at_once = trainable_parameters(method, len(models), len(names), result["tree"])
     cost = {"seconds": m.seconds, "peak_host_mb": m.peak_host_mb, "peak_device_mb": m.peak_device_mb,
             "flops_per_epoch": int(flops.total) if count_flops else None, "learning_runs": flops.runs,
             "epochs": epochs, "steps": len(result["losses"]), "examples": examples,
             "parameters": sum(int(np.prod(tensor_info(base, n)[1])) for n in base.keys()),
-            "task_vector_parameters": sum(int(np.prod(tensor_info(base, n)[1])) for n in coefficient_names(base, skeleton)),
+            "task_vector_parameters": sum(int(np.prod(tensor_info(base, n)[1])) for n in names),
             "trainable": total, "trainable_at_once": at_once, "threads": torch.get_num_threads(),
             "device": str(next(skeleton.parameters()).device)}
     return result, cost

@@ -10,11 +10,12 @@ The merged parameters are evaluated with ``torch.func.functional_call``: no copy
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -258,16 +259,16 @@ class Chained(Sequence):
 
     def __init__(self, parts: Sequence[Sequence]):
         self.parts = list(parts)
-        self.starts = np.cumsum([0, *[len(p) for p in self.parts]])
+        self.starts = [0, *itertools.accumulate(len(p) for p in self.parts)]
 
     def __getitem__(self, i: int):
         if not 0 <= i < len(self):
             raise IndexError(i)
-        part = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.parts[part][i - int(self.starts[part])]
+        part = bisect.bisect_right(self.starts, i) - 1
+        return self.parts[part][i - self.starts[part]]
 
     def __len__(self) -> int:
-        return int(self.starts[-1])
+        return self.starts[-1]
 
 
 MergeGroup = Callable[[StateDict, Sequence[StateDict], Sequence[Mapping[str, Tensor]]], StateDict]
