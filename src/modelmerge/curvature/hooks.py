@@ -58,6 +58,64 @@ def linear_layers(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
     return out
 
 
+#: on a CPU, per-example gradients are formed in blocks of weight rows of about this size, so that a block and
+#: its running square sum stay in the L2 cache while every example of the batch adds to it
+CPU_BLOCK_BYTES = 2 << 20
+
+
+def square_sum_into(
+    acc: Tensor, pieces: list[tuple], n: int, chunk: int | None = None, block_rows: int | None = None
+) -> None:
+    """acc += sum_n g_n * g_n, with g_n = sum_mm left_n @ right_n + sum_rows (rows of example n added at their ids).
+
+    ``("mm", left N x R x T, right N x T x C)`` is a linear layer's factored per-example gradient;
+    ``("rows", keys, values)`` an embedding's, ``keys = n * R + token id`` sorted, ``values`` the rows (K x C).
+    On a CPU one example at a time and a block of rows at a time (cache-resident, the cost of an ordinary weight
+    gradient); on a GPU 16 examples and all rows at once (``chunk`` and ``block_rows`` override). Never more than
+    one chunk's gradients exist at once.
+    """
+    rows, cols = acc.shape
+    cpu = acc.device.type == "cpu"
+    chunk = chunk or (1 if cpu else 16)
+    block = block_rows or (max(1, CPU_BLOCK_BYTES // (cols * acc.element_size())) if cpu else rows)
+    block = min(block, rows)
+    starts = list(range(0, rows, block))
+    bounds = []
+    for kind, keys, _ in pieces:  # where each (example, row block) begins and ends in the sorted keys, found once
+        if kind == "rows":
+            q = torch.tensor([e * rows + r for e in range(n) for r in [*starts, rows]], device=keys.device)
+            bounds.append(torch.searchsorted(keys, q).reshape(n, -1).tolist())
+        else:
+            bounds.append(None)
+    buf = torch.empty(chunk * block * cols, dtype=acc.dtype, device=acc.device)
+    for b, r0 in enumerate(starts):
+        r1 = min(rows, r0 + block)
+        out = acc[r0:r1]
+        for k in range(0, n, chunk):
+            c = min(chunk, n - k)
+            pe = buf[: c * (r1 - r0) * cols].view(c, r1 - r0, cols)
+            first = True
+            for (kind, left, right), bnd in zip(pieces, bounds):
+                if kind == "mm":
+                    if first:
+                        torch.bmm(left[k : k + c, r0:r1], right[k : k + c], out=pe)
+                    else:
+                        pe.baddbmm_(left[k : k + c, r0:r1], right[k : k + c])
+                    first = False
+                    continue
+                if first:
+                    pe.zero_()
+                    first = False
+                for e in range(k, k + c):
+                    s0, s1 = bnd[e][b], bnd[e][b + 1]
+                    if s1 > s0:
+                        pe[e - k].index_add_(0, left[s0:s1] - (e * rows + r0), right[s0:s1])
+            if c == 1:
+                out.addcmul_(pe[0], pe[0])
+            else:
+                out += (pe * pe).sum(0)
+
+
 class LayerHooks:
     """Context manager that accumulates per-example statistics (see module docstring) over many batches.
 
@@ -79,6 +137,7 @@ class LayerHooks:
         self.batch_size: int | None = None
         self._uses: dict[int, int] = defaultdict(int)  # parameter id -> module calls in this forward
         self._pending: dict[int, Tensor] = {}  # per-example gradients of shared parameters, summed over calls
+        self._pieces: dict[int, list] = defaultdict(list)  # factored per-example gradients of shared weights
         if mode == "sq_grad":
             self.modules = supported_modules(model)
         else:
@@ -110,9 +169,12 @@ class LayerHooks:
         self.token_mask = token_mask
         self._uses.clear()
         self._pending.clear()
+        self._pieces.clear()
 
     def end_batch(self) -> None:
         """Call after each backward pass: squares the summed per-example gradients of shared parameters."""
+        for pid in list(self._pieces):
+            self._flush(pid)
         for pid, g in self._pending.items():
             self._add(self.sq_grad, self._param_names[pid], (g * g).sum(0))
         self._pending.clear()
@@ -209,21 +271,7 @@ class LayerHooks:
         gs = g.reshape(n, -1, g.shape[-1])
         xs = x.to(self.dtype).reshape(n, -1, x.shape[-1])
         left, right = (gs, xs) if isinstance(module, nn.Linear) else (xs, gs)
-        w = module.weight
-        if self._uses[id(w)] == 1:
-            # square and sum chunk by chunk: the per-example gradients of a chunk stay in cache (on a CPU one
-            # example at a time costs about as much as the ordinary weight gradient)
-            name = self._param_names[id(w)]
-            acc = self.sq_grad.setdefault(name, torch.zeros(w.shape, dtype=self.dtype, device=g.device))
-            chunk = 1 if g.device.type == "cpu" else 16
-            for k in range(0, n, chunk):
-                pe = torch.bmm(left[k : k + chunk].transpose(1, 2), right[k : k + chunk])
-                if pe.shape[0] == 1:
-                    acc.addcmul_(pe[0], pe[0])
-                else:
-                    acc += (pe * pe).sum(0)
-        else:
-            self._per_example(w, torch.bmm(left.transpose(1, 2), right))
+        self._collect(module.weight, ("mm", left.transpose(1, 2), right))
         if module.bias is not None:
             self._per_example(module.bias, gs.sum(1))
 
@@ -235,10 +283,10 @@ class LayerHooks:
         if module.padding_idx is not None:
             keep = idx != module.padding_idx
         example = torch.arange(n, device=idx.device)[:, None].expand_as(idx)
-        if self._uses[id(module.weight)] > 1:  # shared weight: materialise per-example gradients
-            dense = torch.zeros(n * vocab, rows.shape[-1], dtype=self.dtype, device=g.device)
-            dense.index_add_(0, (example * vocab + idx)[keep], rows[keep])
-            self._per_example(module.weight, dense.reshape(n, vocab, -1))
+        if self._uses[id(module.weight)] > 1:  # shared weight (tied LM head): rows added per example when squaring
+            key = (example * vocab + idx)[keep]
+            order = torch.argsort(key)
+            self._collect(module.weight, ("rows", key[order], rows[keep][order].to(self.dtype)))
             return
         # per (example, token id) sums, squared, then scattered to token ids: never N x V x D
         key = (example * vocab + idx)[keep]
@@ -248,6 +296,24 @@ class LayerHooks:
         out = torch.zeros(vocab, rows.shape[-1], dtype=self.dtype, device=g.device)
         out.index_add_(0, uniq % vocab, sums * sums)
         self._add(self.sq_grad, self._param_names[id(module.weight)], out)
+
+    def _collect(self, weight: nn.Parameter, piece: tuple) -> None:
+        """Keep one call's factored per-example gradient of ``weight``; square once every call has reported."""
+        pid = id(weight)
+        self._pieces[pid].append(piece)
+        if len(self._pieces[pid]) == self._uses[pid]:
+            self._flush(pid)
+
+    def _flush(self, pid: int) -> None:
+        """sum_n g_n^2 for g_n = sum over calls of left_n @ right_n plus embedding rows scattered to token ids."""
+        pieces = self._pieces.pop(pid)
+        name = self._param_names[pid]
+        ref = pieces[0][1]
+        rows, cols = self.model.get_parameter(name).shape
+        acc = self.sq_grad.get(name)
+        if acc is None:
+            acc = self.sq_grad[name] = torch.zeros(rows, cols, dtype=self.dtype, device=ref.device)
+        square_sum_into(acc, pieces, self.batch_size)
 
     def parameters_not_covered(self) -> Iterator[str]:
         """Trainable parameters owned by modules the hooks do not handle."""
