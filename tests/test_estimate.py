@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from modelmerge.curvature import KFAC
-from modelmerge.curvature.estimate import DiagonalFisher, LayerFactors, diagonal_fisher, layer_factors
+from modelmerge.curvature.estimate import DiagonalFisher, LayerFactors, diagonal_fisher, fisher_and_kfac, layer_factors
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*token_id must be.*")
@@ -199,3 +199,24 @@ def test_square_sum_of_factored_and_scattered_per_example_gradients_equals_dense
     acc = torch.ones(rows, cols, dtype=torch.float64)  # adds to what is there
     square_sum_into(acc, [mm[0], ("rows", keys[order], values.reshape(-1, cols)[order]), mm[1]], n, chunk, block_rows)
     torch.testing.assert_close(acc, 1 + (dense * dense).sum(0))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+@pytest.mark.parametrize("model_kind", ["bert", "llama-tied"])
+def test_one_pass_fisher_and_kfac_equal_the_two_separate_estimators(fisher, model_kind):
+    """One forward/backward feeding both hooks = diagonal_fisher and layer_factors(kfac), same seed and labels."""
+    if model_kind == "bert":
+        model, task, batches = tiny_bert(), "classification", [padded_batch(labels=3), padded_batch(labels=3, seed=2)]
+    else:
+        model, task, batches = tiny_llama(tie=True), "causal_lm", [padded_batch(), padded_batch(seed=2)]
+    joint_f, joint_k = fisher_and_kfac(model, batches, task=task, fisher=fisher, seed=5, progress=False, device="cpu")
+    alone_f = diagonal_fisher(model, batches, task=task, fisher=fisher, seed=5, progress=False, device="cpu")
+    alone_k = layer_factors(model, batches, kind="kfac", task=task, fisher=fisher, seed=5, progress=False, device="cpu")
+    assert joint_f.n == alone_f.n == joint_k.n == alone_k.n == 12
+    assert set(joint_f.f_sum) == set(alone_f.f_sum) and set(joint_k.A) == set(alone_k.A) == set(alone_k.B)
+    for k in alone_f.f_sum:
+        torch.testing.assert_close(joint_f.f_sum[k], alone_f.f_sum[k], rtol=1e-6, atol=0)
+    for k in alone_k.A:
+        torch.testing.assert_close(joint_k.A[k], alone_k.A[k], rtol=1e-6, atol=0)
+        torch.testing.assert_close(joint_k.B[k], alone_k.B[k], rtol=1e-6, atol=0)
+    assert all(p.requires_grad for p in model.parameters())  # both hooks restored the model

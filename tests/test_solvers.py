@@ -36,6 +36,30 @@ def test_kfac_and_gram_products_and_solves_equal_explicit_kronecker_products(in_
         torch.testing.assert_close(KFAC(A, B).mv(W), B @ W @ A)
 
 
+@pytest.mark.parametrize("in_axis", [1, 0])
+def test_damped_kfac_solves_exactly_in_the_eigenbases_and_agrees_with_cg(in_axis):
+    """(c B (x) A + delta I)^-1 R in closed form = the dense solve = CG on the same products, for every delta."""
+    gen = torch.Generator().manual_seed(3)
+    d_in, d_out = 5, 4
+    W = torch.randn((d_out, d_in) if in_axis == 1 else (d_in, d_out), generator=gen, dtype=F64)
+    A = spd(d_in, gen, cond=1e6)
+    B = spd(d_out, gen, cond=1e3)
+    B[0] = B[:, 0] = 0.0  # a singular factor: only the damping makes the sum invertible
+    base = KFAC(A, B, in_axis).scale(2.0)
+    for delta in (1e-6, 0.5):
+        damped = base + Scalar(delta)
+        assert isinstance(damped, KFAC) and damped.damping == delta and damped._eig is base._eig  # shared eigh
+        dense = 2.0 * (torch.kron(B, A) if in_axis == 1 else torch.kron(A, B)) + delta * torch.eye(W.numel(), dtype=F64)
+        torch.testing.assert_close(damped.to_dense(W), dense)
+        torch.testing.assert_close(damped.mv(W).reshape(-1), dense @ W.reshape(-1))
+        exact = torch.linalg.solve(dense, W.reshape(-1))
+        torch.testing.assert_close(damped.solve(W).reshape(-1), exact, rtol=1e-8, atol=1e-8)
+        cg = ConjugateGradient(max_iter=200, tol=1e-13)(damped.mv, W, None, "w")
+        torch.testing.assert_close(cg.reshape(-1), exact, rtol=1e-6, atol=1e-6 * float(exact.abs().max()))
+    assert len(base._eig) == 1  # one eigendecomposition for both dampings
+    torch.testing.assert_close((base + Scalar(0.5)).scale(3.0).to_dense(W), 3.0 * (base + Scalar(0.5)).to_dense(W))
+
+
 def test_sums_without_closed_form_are_solved_by_cg_to_the_dense_solution():
     gen = torch.Generator().manual_seed(1)
     W = torch.randn(3, 4, generator=gen, dtype=F64)

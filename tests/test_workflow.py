@@ -39,8 +39,10 @@ def test_every_configuration_dry_runs_the_whole_dag(config):
     sentiment = {"sentiment_pretrained": 1, "sentiment_model": 6, "sentiment_curvature": 5, "sentiment_merge": 1}
     tox = yaml.safe_load(config.read_text())["toxicity"]
     toxicity = {"toxicity_pretrained": 1, "toxicity_model": 1, "toxicity_curvature": 2, "toxicity_report": 1,
-                # base, toxic, then per alpha TA and Eq. 13 for every delta
-                "toxicity_evaluate": 2 + len(tox["alphas"]) * (1 + len(tox["deltas"]))}
+                # base, toxic, then per alpha TA and Eq. 13 for every delta, diagonal and K-FAC
+                "toxicity_evaluate": 2 + len(tox["alphas"]) * (1 + len(tox["deltas"]) + len(tox["kfac_deltas"]))}
+    if tox["kfac_deltas"]:
+        toxicity["toxicity_kfac_directions"] = 1
     n_tasks = len(yaml.safe_load(config.read_text())["suite"]["tasks"])
     suite = {"suite_data": 1, "suite_pretrained": 1, "suite_model": n_tasks + 1, "suite_curvature": n_tasks,
              "suite_report": 1, "suite_fig2": 1, "mats_inits": 1, "mats_iterations": 1, "mats_merge": 1, "dpp_select": 1,
@@ -119,12 +121,21 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     table4 = pd.read_csv(tmp_path / "figures" / "toxicity" / "table4_toxicity.csv")
     smoke = yaml.safe_load((ROOT / "workflow/config/smoke.yaml").read_text())["toxicity"]
     removals = table4[table4["alpha"].notna()]
-    assert len(removals) == len(smoke["alphas"]) * (1 + len(smoke["deltas"]))
+    n_eq13 = len(smoke["deltas"]) + len(smoke["kfac_deltas"])
+    assert len(removals) == len(smoke["alphas"]) * (1 + n_eq13)
     for _, curve in removals.groupby("model"):
         assert sorted(curve["alpha"]) == sorted(smoke["alphas"])
     assert table4[["100 x avg. toxicity", "% toxic"]].apply(lambda c: c.between(0, 100)).all().all()
     assert (table4["PPL"] > 1).all()
-    assert len(pd.read_csv(tmp_path / "figures" / "toxicity" / "generations.csv")) == 3 * (3 + len(smoke["deltas"]))
+    assert len(pd.read_csv(tmp_path / "figures" / "toxicity" / "generations.csv")) == 3 * (3 + n_eq13)
+    # the update diagnostics: one row per Eq. 13 curve, K-FAC and diagonal sharing the embeddings and norms (the
+    # diagonal Fisher covers them in both)
+    norms = pd.read_csv(tmp_path / "figures" / "toxicity" / "update_norms.csv").set_index("model")
+    assert len(norms) == n_eq13
+    assert 1e-10 in smoke["deltas"] and 1e-10 in smoke["kfac_deltas"]
+    diagonal, kfac = norms.loc["Eq. 13 (ours), delta = 1e-10"], norms.loc["Eq. 13 (ours), K-FAC, delta = 1e-10"]
+    for group in ("embeddings (tied LM head)", "norms"):
+        assert kfac[group] == pytest.approx(diagonal[group], rel=1e-4)
 
     # suite: every task prepared with labels its frozen head covers, the reference rows, and the alpha sweep
     suite = tmp_path / "figures" / "suite"

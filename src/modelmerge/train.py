@@ -45,9 +45,19 @@ def text_batches(
     shuffle: bool = False,
     seed: int = 0,
     task: str = "classification",
+    by_length: bool = False,
 ) -> list[dict[str, Tensor]]:
-    """Tokenised, padded batches; causal-LM batches get ``labels`` = input ids with padding set to -100."""
+    """Tokenised, padded batches; causal-LM batches get ``labels`` = input ids with padding set to -100.
+
+    ``by_length`` orders the texts by token count (stable) so that batches carry little padding: for sums over
+    examples (curvature), whose value does not depend on the order.
+    """
     order = list(range(len(texts)))
+    if by_length and shuffle:
+        raise ValueError("choose shuffle or by_length, not both")
+    if by_length:
+        lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+        order = sorted(order, key=lambda i: lengths[i])
     if shuffle:
         order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     batches = []

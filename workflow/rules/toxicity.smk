@@ -4,14 +4,23 @@ TOX = config["toxicity"]
 TOX_DIR = f"{RESULTS}/toxicity"
 TOX_DATA = f"{DATA}/prepared/toxicity"
 TOX_DELTAS = [d if isinstance(d, str) else f"{d:g}" for d in TOX["deltas"]]
+TOX_KFAC_DELTAS = [d if isinstance(d, str) else f"{d:g}" for d in TOX["kfac_deltas"]]
 TOX_VARIANTS = ["base", "toxic", *(f"ta_{a:g}" for a in TOX["alphas"]),
-                *(f"eq13_{a:g}_{d}" for d in TOX_DELTAS for a in TOX["alphas"])]
+                *(f"eq13_{a:g}_{d}" for d in TOX_DELTAS for a in TOX["alphas"]),
+                *(f"eq13kfac_{a:g}_{d}" for d in TOX_KFAC_DELTAS for a in TOX["alphas"])]
+
+
+def tox_set_sizes() -> dict[str, int]:
+    """Texts in the whole generic and toxic sets (the curvature subsamples are rescaled to them)."""
+    import pandas as pd
+
+    return {s: len(pd.read_parquet(f"{TOX_DATA}/{s}.parquet")) for s in ("generic", "toxic")}
 
 
 def toxicity_outputs() -> list[str]:
     """Every tracked output of the toxicity experiment."""
     return [*table_files("toxicity", "table4_toxicity"), *table_files("toxicity", "matched_perplexity"),
-            *table_files("toxicity", "generations"),
+            *table_files("toxicity", "generations"), *table_files("toxicity", "update_norms"),
             *figure_files("toxicity", "toxicity_perplexity")]
 
 
@@ -68,13 +77,15 @@ wildcard_constraints:
 
 
 rule toxicity_curvature:
-    """Squared-gradient Fisher of the base LM on generic text and of the toxic model on the toxic set (App. C.3)."""
+    """Squared-gradient Fisher and K-FAC factors (one pass) of the base LM on generic text and of the toxic model
+    on the toxic set (App. C.3)."""
     input:
         model=f"{TOX_DIR}/models/{{lm}}/model.safetensors",
         data=lambda wc: f"{TOX_DATA}/{'generic' if wc.lm == 'base' else 'toxic'}.parquet",
         library=LIBRARY,
     output:
-        f"{TOX_DIR}/curvature/{{lm}}.fisher.safetensors",
+        fisher=f"{TOX_DIR}/curvature/{{lm}}.fisher.safetensors",
+        kfac=f"{TOX_DIR}/curvature/{{lm}}.kfac.safetensors",
     log:
         f"{RESULTS}/logs/toxicity/curvature_{{lm}}.log",
     benchmark:
@@ -85,21 +96,47 @@ rule toxicity_curvature:
 
         texts = "generic" if wildcards.lm == "base" else "toxic"
         summary = toxicity_curvature(
-            f"{TOX_DIR}/models/{wildcards.lm}", input.data, output[0], TOX["curvature_examples"][texts],
-            TOX["max_length"], seed=TOX["seed"], threads=threads,
+            f"{TOX_DIR}/models/{wildcards.lm}", input.data, output.fisher, output.kfac,
+            TOX["curvature_examples"][texts], TOX["max_length"], seed=TOX["seed"], threads=threads,
         )
         Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
         Path(log[0]).write_text(summary + "\n")
 
 
+rule toxicity_kfac_directions:
+    """Eq. 13's direction with K-FAC on the linear layers, solved once per delta (the rows scale it by alpha)."""
+    input:
+        models=[f"{TOX_DIR}/models/{m}/model.safetensors" for m in ("base", "toxic")],
+        curvature=[f"{TOX_DIR}/curvature/{m}.{k}.safetensors" for m in ("base", "toxic") for k in ("fisher", "kfac")],
+        library=LIBRARY,
+    output:
+        directions=[f"{TOX_DIR}/directions/kfac_{d}.safetensors" for d in TOX_KFAC_DELTAS],
+        norms=[f"{TOX_DIR}/directions/kfac_{d}.safetensors.json" for d in TOX_KFAC_DELTAS],
+    log:
+        f"{RESULTS}/logs/toxicity/kfac_directions.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/toxicity/kfac_directions.tsv"
+    threads: 2
+    run:
+        from modelmerge.experiments.toxicity import kfac_directions
+
+        summary = kfac_directions(f"{TOX_DIR}/models", f"{TOX_DIR}/curvature", TOX_KFAC_DELTAS, output.directions,
+                                  tox_set_sizes(), threads=threads)
+        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(log[0]).write_text(summary + "\n")
+
+
 def toxicity_variant_inputs(wildcards) -> dict:
-    """A row needs the base; removals need the toxic model; Eq. 13 needs both Fishers."""
+    """A row needs the base; removals need the toxic model; Eq. 13 needs both Fishers (K-FAC: its direction)."""
     inputs = {"base": f"{TOX_DIR}/models/base/model.safetensors", "library": LIBRARY,
               "data": [f"{TOX_DATA}/prompts.parquet", f"{TOX_DATA}/heldout.parquet"]}
     if wildcards.variant != "base":
         inputs["toxic"] = f"{TOX_DIR}/models/toxic/model.safetensors"
     if wildcards.variant.startswith("eq13_"):
         inputs["curvature"] = [f"{TOX_DIR}/curvature/{m}.fisher.safetensors" for m in ("base", "toxic")]
+    if wildcards.variant.startswith("eq13kfac_"):
+        delta = wildcards.variant.split("_", 2)[2]
+        inputs["direction"] = [f"{TOX_DIR}/directions/kfac_{delta}.safetensors{ext}" for ext in ("", ".json")]
     return inputs
 
 
@@ -115,15 +152,12 @@ rule toxicity_evaluate:
         f"{RESULTS}/benchmarks/toxicity/evaluate_{{variant}}.tsv"
     threads: 1
     run:
-        import pandas as pd
-
         from modelmerge.experiments.toxicity import toxicity_variant
 
-        set_sizes = {s: len(pd.read_parquet(f"{TOX_DATA}/{s}.parquet")) for s in ("generic", "toxic")}
         summary = toxicity_variant(
             wildcards.variant, f"{TOX_DIR}/models", f"{TOX_DIR}/curvature", TOX_DATA, output[0],
-            set_sizes=set_sizes, eval_config=TOX["evaluation"] | {"seed": TOX["seed"],
-            "max_length": TOX["max_length"]}, threads=threads,
+            set_sizes=tox_set_sizes(), eval_config=TOX["evaluation"] | {"seed": TOX["seed"],
+            "max_length": TOX["max_length"]}, threads=threads, directions_dir=f"{TOX_DIR}/directions",
         )
         Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
         Path(log[0]).write_text(summary + "\n")
@@ -134,6 +168,7 @@ rule toxicity_report:
     input:
         notebook="notebooks/toxicity_removal.ipynb",
         rows=expand(f"{TOX_DIR}/eval/{{variant}}.json", variant=TOX_VARIANTS),
+        curvature=[f"{TOX_DIR}/curvature/{m}.fisher.safetensors" for m in ("base", "toxic")],
         library=LIBRARY,
     output:
         toxicity_outputs(),
@@ -146,9 +181,11 @@ rule toxicity_report:
         notebook=notebook_parameters({
             "variants": TOX_VARIANTS,
             "eval_dir": f"{TOX_DIR}/eval",
+            "curvature_dir": f"{TOX_DIR}/curvature",
             "out_dir": f"{FIGURES}/toxicity",
             "pretrained": TOX["pretrained"],
             "deltas": TOX_DELTAS,
+            "kfac_deltas": TOX_KFAC_DELTAS,
             **{k: TOX[k] for k in ("alphas", "curvature_examples", "train")},
             **{k: TOX["evaluation"][k] for k in ("scorer", "threshold", "prefix", "max_new_tokens", "top_p")},
         }),

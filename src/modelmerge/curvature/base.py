@@ -287,27 +287,49 @@ class Gram(Curvature):
 
 
 class KFAC(Curvature):
-    """K-FAC curvature of a linear layer: H = B (x) A, A the input Gram, B the output-gradient Gram (002 Eq. 11).
+    """K-FAC curvature of a linear layer: H = c B (x) A + delta I, A the input Gram, B the output-gradient Gram
+    (002 Eq. 11), delta >= 0 a damping (``KFAC + Scalar`` gives it).
 
-    For ``nn.Linear`` (``in_axis=1``, weight out x in) H W = B W A; for ``Conv1D`` (``in_axis=0``) H W = A W B.
+    For ``nn.Linear`` (``in_axis=1``, weight out x in) H W = c B W A + delta W; for ``Conv1D`` (``in_axis=0``)
+    H W = c A W B + delta W. Undamped, ``solve`` is B^-1 R A^-1 by Cholesky; damped, it is exact in the factors'
+    eigenbases, A = U diag(a) U^T and B = V diag(b) V^T: W = V [(V^T R U) / (c b a^T + delta)] U^T (eigenbases
+    computed once per factor pair and shared by every damping).
     """
 
-    def __init__(self, A: Tensor, B: Tensor, in_axis: int = 1, c: float = 1.0):
-        self.A, self.B, self.in_axis, self.c = A, B, in_axis, float(c)
+    def __init__(self, A: Tensor, B: Tensor, in_axis: int = 1, c: float = 1.0, damping: float = 0.0,
+                 _eig: dict | None = None):
+        self.A, self.B, self.in_axis, self.c, self.damping = A, B, in_axis, float(c), float(damping)
+        self._eig = {} if _eig is None else _eig  # (dtype, device) -> eigendecompositions, shared with copies
 
     def __repr__(self) -> str:
-        return f"KFAC(A={tuple(self.A.shape)}, B={tuple(self.B.shape)}, in_axis={self.in_axis})"
+        damped = f", damping={self.damping:g}" if self.damping else ""
+        return f"KFAC(A={tuple(self.A.shape)}, B={tuple(self.B.shape)}, in_axis={self.in_axis}{damped})"
 
     def _factors(self, like: Tensor) -> tuple[Tensor, Tensor]:
         return self.A.to(dtype=like.dtype, device=like.device), self.B.to(dtype=like.dtype, device=like.device)
 
     def mv(self, x: Tensor) -> Tensor:
         A, B = self._factors(x)
-        return self.c * (B @ x @ A if self.in_axis == 1 else A @ x @ B)
+        out = self.c * (B @ x @ A if self.in_axis == 1 else A @ x @ B)
+        return out + self.damping * x if self.damping else out
+
+    def _eigh(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        key = (like.dtype, like.device)
+        if key not in self._eig:
+            A, B = self._factors(like)
+            a, U = torch.linalg.eigh(A)
+            b, V = torch.linalg.eigh(B)
+            self._eig[key] = (a.clamp_min(0), U, b.clamp_min(0), V)  # PSD factors: round-off negatives are 0
+        return self._eig[key]
 
     def solve(self, b, name="?", x0=None, solver=None) -> Tensor:
         if self.c <= 0:
             raise MergeInputError(name, "K-FAC curvature with a non-positive scale cannot be inverted")
+        if self.damping > 0:
+            a, U, bb, V = self._eigh(b)
+            if self.in_axis == 1:  # rows meet B, columns meet A
+                return V @ ((V.T @ b @ U) / (self.c * bb[:, None] * a[None, :] + self.damping)) @ U.T
+            return U @ ((U.T @ b @ V) / (self.c * a[:, None] * bb[None, :] + self.damping)) @ V.T
         A, B = self._factors(b)
         ca = _cholesky(A, name, "K-FAC input factor A", jitter=False)
         cb = _cholesky(B, name, "K-FAC output-gradient factor B", jitter=False)
@@ -316,7 +338,12 @@ class KFAC(Curvature):
         return torch.cholesky_solve(torch.cholesky_solve(b, ca).T, cb).T / self.c
 
     def scale(self, c: float) -> KFAC:
-        return KFAC(self.A, self.B, self.in_axis, self.c * c)
+        return KFAC(self.A, self.B, self.in_axis, self.c * c, self.damping * c, self._eig)
+
+    def _add(self, other: Curvature) -> Curvature | None:
+        if isinstance(other, Scalar) and other.c >= 0:
+            return KFAC(self.A, self.B, self.in_axis, self.c, self.damping + other.c, self._eig)
+        return None
 
     def check(self, name: str, param: Tensor) -> None:
         d_in, d_out = _weight_axes(tuple(param.shape), self.in_axis)
@@ -328,12 +355,13 @@ class KFAC(Curvature):
             )
         _check_psd(name, self.A, "K-FAC factor A", full=False)
         _check_psd(name, self.B, "K-FAC factor B", full=False)
-        if self.c < 0:
-            raise MergeInputError(name, f"K-FAC curvature has a negative scale {self.c:g}")
+        if self.c < 0 or self.damping < 0:
+            raise MergeInputError(name, f"K-FAC curvature has a negative scale {self.c:g} or damping {self.damping:g}")
 
     def to_dense(self, param: Tensor) -> Tensor:
         A, B = self._factors(param)
-        return self.c * (torch.kron(B, A) if self.in_axis == 1 else torch.kron(A, B))
+        dense = self.c * (torch.kron(B, A) if self.in_axis == 1 else torch.kron(A, B))
+        return dense + self.damping * torch.eye(param.numel(), dtype=param.dtype, device=param.device)
 
 
 class SumCurvature(Curvature):

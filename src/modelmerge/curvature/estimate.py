@@ -299,7 +299,6 @@ def layer_factors(
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
-    layers = linear_layers(model)
     n = 0
     with LayerHooks(model, kind) as hooks:
         for batch in _batches(batches, device, f"{kind} factors", progress):
@@ -313,6 +312,13 @@ def layer_factors(
                     (loss,) = _losses_per_pass(task, fisher, logits, batch, generator)
                     loss.sum().backward()
             n += _batch_size(batch)
+    meta = {"estimator": kind, "task": task, "fisher": fisher, "seed": str(seed), "data": data}
+    return _layer_factors_of(model, hooks, kind, n, meta)
+
+
+def _layer_factors_of(model: nn.Module, hooks: LayerHooks, kind: str, n: int, meta: dict) -> LayerFactors:
+    """Normalise the hooks' sums into ``LayerFactors`` (Grams per example; K-FAC A per row, B per example)."""
+    layers = linear_layers(model)
     # a layer whose weight is tied to another use (an LM head sharing the embeddings) gets no factors: they
     # would describe only one of its uses; such weights fall back to whatever covers the other parameters
     tied = _tied_ids(model)
@@ -325,5 +331,43 @@ def layer_factors(
         A = {weight[k]: (hooks.A[k] / hooks.tokens[k]).cpu() for k in keep}
         B = {weight[k]: (hooks.B[k] / n).cpu() for k in keep}
     in_axis = {weight[k]: layers[k][1] for k in keep}
-    meta = {"estimator": kind, "task": task, "fisher": fisher, "seed": str(seed), "data": data}
     return LayerFactors(kind, A, B, in_axis, n, meta)
+
+
+def fisher_and_kfac(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    task: str = "classification",
+    fisher: str = "empirical",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    data: str = "",
+    progress: bool = True,
+) -> tuple[DiagonalFisher, LayerFactors]:
+    """``diagonal_fisher`` and ``layer_factors(kind="kfac")`` of the same per-example gradients, from one
+    forward/backward per batch instead of two (equal to the two calls with the same ``seed``)."""
+    _check(task, fisher)
+    if fisher == "exact":
+        raise ValueError("K-FAC here uses one label per example: choose fisher='empirical' or 'sampled'")
+    device = torch.device(device) if device is not None else default_device()
+    model = model.to(device).eval()
+    generator = torch.Generator().manual_seed(seed)
+    n = 0
+    with LayerHooks(model, "sq_grad") as squares, LayerHooks(model, "kfac") as factors:
+        for batch in _batches(batches, device, f"{fisher} Fisher and K-FAC", progress):
+            for hooks in (squares, factors):
+                hooks.begin_batch(_batch_size(batch), batch.get("attention_mask"))
+            with torch.enable_grad():
+                logits = _logits(model, batch)
+                (loss,) = _losses_per_pass(task, fisher, logits, batch, generator)
+                loss.sum().backward()
+            squares.end_batch()
+            n += _batch_size(batch)
+        rest = list(squares.parameters_not_covered())
+    if rest:
+        raise NotImplementedError(f"the hooks do not cover {rest[:5]}: use diagonal_fisher and layer_factors")
+    f_sum = {k: v.cpu() for k, v in _expand_tied(model, dict(squares.sq_grad)).items()}
+    fisher_meta = {"estimator": f"diagonal {fisher} Fisher", "task": task, "seed": str(seed), "method": "hooks",
+                   "data": data}
+    kfac_meta = {"estimator": "kfac", "task": task, "fisher": fisher, "seed": str(seed), "data": data}
+    return DiagonalFisher(f_sum, n, fisher_meta), _layer_factors_of(model, factors, "kfac", n, kfac_meta)

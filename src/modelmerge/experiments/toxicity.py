@@ -7,7 +7,27 @@ from pathlib import Path
 
 import pandas as pd
 
-TOXICITY_METHODS = {"ta": "task arithmetic", "eq13": "Eq. 13 (ours)"}
+TOXICITY_METHODS = {"ta": "task arithmetic", "eq13": "Eq. 13 (ours)", "eq13kfac": "Eq. 13 (ours), K-FAC"}
+
+#: parameter groups of the update diagnostics: where Eq. 13's update departs from task arithmetic's
+PARAMETER_GROUPS = ("embeddings (tied LM head)", "linear layers", "norms")
+
+
+def parameter_group(name: str, shape: tuple[int, ...]) -> str:
+    """The group of one parameter of a decoder LM: embeddings, 2-D linear weights, or 1-D norm/bias vectors."""
+    if "embed" in name or "lm_head" in name or "wte" in name or "wpe" in name:
+        return PARAMETER_GROUPS[0]
+    return PARAMETER_GROUPS[1] if len(shape) == 2 else PARAMETER_GROUPS[2]
+
+
+def update_norms(base, toxic, merged, alpha: float) -> dict[str, float]:
+    """Per group, ||theta_LLM - theta|| / (alpha ||tau||): 1 for task arithmetic, larger where Eq. 13 removes more."""
+    num, den = dict.fromkeys(PARAMETER_GROUPS, 0.0), dict.fromkeys(PARAMETER_GROUPS, 0.0)
+    for k, theta0 in base.items():
+        group = parameter_group(k, tuple(theta0.shape))
+        num[group] += float(((theta0.double() - merged[k].double()) ** 2).sum())
+        den[group] += float(((toxic[k].double() - theta0.double()) ** 2).sum()) * alpha**2
+    return {g: (num[g] / den[g]) ** 0.5 if den[g] > 0 else float("nan") for g in PARAMETER_GROUPS}
 
 
 def toxicity_pretrained(source: str, out_dir: str, smollm2_dir: str, data_dir: str, seed: int = 0) -> None:
@@ -39,41 +59,98 @@ def text_sample(path: str | os.PathLike, limit: int, seed: int) -> list[str]:
 
 
 def toxicity_curvature(
-    model_dir: str, texts_path: str, fisher_path: str, max_examples: int, max_length: int, seed: int = 0,
-    threads: int = 1, batch_size: int = 8,
+    model_dir: str, texts_path: str, fisher_path: str, kfac_path: str, max_examples: int, max_length: int,
+    seed: int = 0, threads: int = 1, batch_size: int = 8,
 ) -> str:
-    """Diagonal empirical Fisher F_sum = sum_n g_n^2 of a causal LM (sequence NLL) on a seeded subsample; saved."""
+    """Diagonal empirical Fisher F_sum = sum_n g_n^2 and K-FAC factors of a causal LM (sequence NLL), from one
+    pass over a seeded subsample (texts batched by length: the sums do not depend on the order); saved."""
     import time
 
     import torch
 
-    from modelmerge.curvature.estimate import default_device, diagonal_fisher
+    from modelmerge.curvature.estimate import default_device, fisher_and_kfac
     from modelmerge.models import load_causal_lm
     from modelmerge.train import text_batches
 
     torch.set_num_threads(threads)
     model, tokenizer = load_causal_lm(model_dir)
     texts = text_sample(texts_path, max_examples, seed)
-    batches = text_batches(tokenizer, texts, None, batch_size, max_length, task="causal_lm")
+    batches = text_batches(tokenizer, texts, None, batch_size, max_length, task="causal_lm", by_length=True)
     start = time.perf_counter()
-    fisher = diagonal_fisher(model, batches, task="causal_lm", data=f"{Path(texts_path).stem} ({len(texts)} texts)")
+    data = f"{Path(texts_path).stem} ({len(texts)} texts)"
+    fisher, kfac = fisher_and_kfac(model, batches, task="causal_lm", data=data)
     fisher.save(fisher_path)
-    return f"{Path(texts_path).stem}: N = {fisher.n}, {time.perf_counter() - start:.1f} s on {default_device()}"
+    kfac.save(kfac_path)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return (f"{Path(texts_path).stem}: N = {fisher.n} texts, {tokens} tokens, {time.perf_counter() - start:.1f} s "
+            f"on {default_device()} ({threads} threads)")
+
+
+def set_curvatures(curvature_dir: str | os.PathLike, set_sizes: dict[str, int], kfac: bool = False):
+    """(H_rest, H_t): F_sum of each whole set estimated from its subsample, N_set x the subsample mean; with
+    ``kfac`` the linear layers get N_set x K-FAC (B (x) A is on F_avg's scale) and the rest the diagonal."""
+    from modelmerge.curvature import WithFallback
+    from modelmerge.curvature.estimate import DiagonalFisher, LayerFactors
+
+    out = []
+    for lm, texts in (("base", "generic"), ("toxic", "toxic")):
+        diag = {k: v * set_sizes[texts] for k, v in DiagonalFisher.load(Path(curvature_dir) / f"{lm}.fisher.safetensors").mean().items()}
+        if kfac:
+            factors = LayerFactors.load(Path(curvature_dir) / f"{lm}.kfac.safetensors").curvature()
+            diag = WithFallback({k: h.scale(set_sizes[texts]) for k, h in factors.items()}, diag)
+        out.append(diag)
+    return tuple(out)
+
+
+def kfac_directions(
+    models_dir: str, curvature_dir: str, deltas: list[str], out_paths: list[str], set_sizes: dict[str, int],
+    threads: int = 1,
+) -> str:
+    """001 Eq. 13's direction d = (H_rest + delta I)^-1 (H_0 + H_t) tau with K-FAC on the linear layers (exact
+    damped solve in the factors' eigenbases, float64, eigenbases shared by every delta); one file per delta."""
+    import json
+    import time
+
+    import torch
+
+    from modelmerge.io import atomic_write_text, load_state_dict, save_state_dict
+    from modelmerge.merge import task_removal
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    base = {k: v.double() for k, v in load_state_dict(Path(models_dir) / "base" / "model.safetensors").items()}
+    toxic = {k: v.double() for k, v in load_state_dict(Path(models_dir) / "toxic" / "model.safetensors").items()}
+    rest, task = set_curvatures(curvature_dir, set_sizes, kfac=True)
+    diag_rest, _ = set_curvatures(curvature_dir, set_sizes)
+    lines = []
+    for label, path in zip(deltas, out_paths):
+        delta = resolve_delta(label, diag_rest, list(base))
+        merged = task_removal(base, toxic, rest, rest, task, alpha=1.0, delta=delta)
+        direction = {k: (base[k] - merged[k]).float() for k in base}
+        save_state_dict(direction, path, metadata={"kind": "eq13_direction", "curvature": "kfac", "delta": repr(delta),
+                                                   "delta_label": label})
+        norms = update_norms(base, toxic, merged, 1.0)
+        atomic_write_text(str(path) + ".json", json.dumps({"delta_label": label, "delta": delta, "update_norms": norms}) + "\n")
+        lines.append(f"K-FAC direction, delta {label} = {delta:.3g}: " + ", ".join(f"{g} x{v:.3g}" for g, v in norms.items()))
+        del merged, direction
+    return "\n".join(lines) + f"\n{time.perf_counter() - start:.0f} s"
 
 
 def parse_variant(variant: str) -> tuple[str, float | None, str | None]:
-    """'base' | 'toxic' | 'ta_<alpha>' | 'eq13_<alpha>_<delta>' -> (method, alpha, delta label)."""
+    """'base' | 'toxic' | 'ta_<alpha>' | 'eq13[kfac]_<alpha>_<delta>' -> (method, alpha, delta label)."""
     if variant in ("base", "toxic"):
         return variant, None, None
     method, *rest = variant.split("_")
     try:
         if method == "ta" and len(rest) == 1:
             return method, float(rest[0]), None
-        if method == "eq13" and len(rest) == 2 and rest[1]:
+        if method in ("eq13", "eq13kfac") and len(rest) == 2 and rest[1]:
             return method, float(rest[0]), rest[1]
     except ValueError:
         pass
-    raise ValueError(f"unknown variant {variant!r}: expected base, toxic, ta_<alpha> or eq13_<alpha>_<delta>")
+    raise ValueError(
+        f"unknown variant {variant!r}: expected base, toxic, ta_<alpha>, eq13_<alpha>_<delta> or eq13kfac_<alpha>_<delta>"
+    )
 
 
 def resolve_delta(label: str, rest_curvature: dict, names) -> float:
@@ -135,7 +212,7 @@ def generation_report(
 
 def toxicity_variant(
     variant: str, models_dir: str, curvature_dir: str, data_dir: str, out_json: str, *, set_sizes: dict[str, int],
-    eval_config: dict, threads: int = 1,
+    eval_config: dict, threads: int = 1, directions_dir: str | None = None,
 ) -> str:
     """Build one row of the Table 4 analog (base, toxic model, or a removal at one alpha), evaluate it, write JSON."""
     import json
@@ -143,34 +220,38 @@ def toxicity_variant(
 
     import torch
 
-    from modelmerge.curvature.estimate import DiagonalFisher
     from modelmerge.io import atomic_write_text, load_state_dict
     from modelmerge.models import load_causal_lm
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
     method, alpha, delta_label = parse_variant(variant)
-    delta = None
+    delta = norms = None
     model, tokenizer = load_causal_lm(Path(models_dir) / "base")
     if method == "toxic":
         load_tied_state(model, load_state_dict(Path(models_dir) / "toxic" / "model.safetensors"))
     elif method != "base":
         base = load_state_dict(Path(models_dir) / "base" / "model.safetensors")
         toxic = load_state_dict(Path(models_dir) / "toxic" / "model.safetensors")
-        rest = task = None
-        if method == "eq13":  # F_sum of each whole set, estimated from its subsample: N_set x the subsample mean
-            f_rest = DiagonalFisher.load(Path(curvature_dir) / "base.fisher.safetensors")
-            f_task = DiagonalFisher.load(Path(curvature_dir) / "toxic.fisher.safetensors")
-            rest = {k: v * set_sizes["generic"] for k, v in f_rest.mean().items()}
-            task = {k: v * set_sizes["toxic"] for k, v in f_task.mean().items()}
-            delta = resolve_delta(delta_label, rest, list(base))
-        load_tied_state(model, toxicity_removal(base, toxic, method, alpha, rest, task, delta or 0.0))
+        if method == "eq13kfac":  # the direction was solved once per delta (kfac_directions)
+            path = Path(directions_dir) / f"kfac_{delta_label}.safetensors"
+            direction = load_state_dict(path)
+            delta = json.loads(Path(str(path) + ".json").read_text())["delta"]
+            merged = {k: v - alpha * direction[k] for k, v in base.items()}
+        else:
+            rest = task = None
+            if method == "eq13":
+                rest, task = set_curvatures(curvature_dir, set_sizes)
+                delta = resolve_delta(delta_label, rest, list(base))
+            merged = toxicity_removal(base, toxic, method, alpha, rest, task, delta or 0.0)
+        norms = update_norms(base, toxic, merged, alpha)
+        load_tied_state(model, merged)
     cfg = dict(eval_config)
     prompts = text_sample(Path(data_dir) / "prompts.parquet", cfg.pop("n_prompts"), cfg["seed"])
     heldout = text_sample(Path(data_dir) / "heldout.parquet", cfg.pop("n_perplexity"), cfg["seed"])
     report = generation_report(model, tokenizer, prompts, heldout, **cfg)
     report = {"variant": variant, "method": method, "alpha": alpha, "delta_label": delta_label, "delta": delta,
-              **report, "seconds": time.perf_counter() - start}
+              "update_norms": norms, **report, "seconds": time.perf_counter() - start}
     atomic_write_text(out_json, json.dumps(report, indent=1) + "\n")
     return (f"{variant}: toxicity {report['100 x avg. toxicity']:.2f}, {report['% toxic']:.1f}% toxic, "
             f"perplexity {report['perplexity']:.2f}, {report['seconds']:.0f} s")
