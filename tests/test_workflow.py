@@ -36,7 +36,11 @@ def planned_jobs(output: str) -> dict[str, int]:
 def test_every_configuration_dry_runs_the_whole_dag(config):
     proc = snakemake("-n", "--forceall", "--configfile", str(config))
     jobs = planned_jobs(proc.stdout + proc.stderr)
-    sentiment = {"sentiment_pretrained": 1, "sentiment_model": 6, "sentiment_curvature": 5, "sentiment_merge": 1}
+    sent = yaml.safe_load(config.read_text())["sentiment"]
+    targets = {tuple(sorted(s)) for s in sent["target_subsets"] if set(s) != set(sent["task_domains"])}
+    # base, one model per task, the all-data target and one target per subset; Fishers of the merged models
+    sentiment = {"sentiment_pretrained": 1, "sentiment_model": 2 + len(sent["task_domains"]) + len(targets),
+                 "sentiment_curvature": 1 + len(sent["task_domains"]), "sentiment_merge": 1}
     tox = yaml.safe_load(config.read_text())["toxicity"]
     toxicity = {"toxicity_pretrained": 1, "toxicity_model": 1, "toxicity_curvature": 2, "toxicity_report": 1,
                 # base, toxic, then per alpha TA and Eq. 13 for every delta, diagonal and K-FAC

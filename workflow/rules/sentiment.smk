@@ -1,7 +1,16 @@
 # Experiment `sentiment`: add four sentiment domains to an encoder fine-tuned on a first one (001 Sec. 4.3).
+import re
+
+from modelmerge.experiments.sentiment import model_domains, target_name
+
 SENT = config["sentiment"]
 SENT_DIR = f"{RESULTS}/sentiment"
-SENT_MODELS = ["base", *SENT["task_domains"], "alldata"]
+for _subset in SENT["target_subsets"]:
+    if not set(_subset) <= set(SENT["task_domains"]):
+        raise ValueError(f"sentiment.target_subsets: {sorted(set(_subset) - set(SENT['task_domains']))} are not among "
+                         f"task_domains {SENT['task_domains']}")
+SENT_TARGETS = sorted({n for n in (target_name(s, SENT["task_domains"]) for s in SENT["target_subsets"]) if n != "alldata"})
+SENT_MODELS = ["base", *SENT["task_domains"], "alldata", *SENT_TARGETS]
 
 
 def sentiment_outputs() -> list[str]:
@@ -14,7 +23,7 @@ def sentiment_outputs() -> list[str]:
 
 
 def sentiment_model_inputs(wildcards) -> dict:
-    """A model starts from the pretrained encoder (base) or from the base model (tasks, all-data)."""
+    """A model starts from the pretrained encoder (base) or from the base model (tasks, all-data, targets)."""
     inputs = {
         "notebook": "notebooks/sentiment_model.ipynb",
         "data": f"{FIGURES}/data/datasets.csv",
@@ -28,16 +37,21 @@ def sentiment_model_inputs(wildcards) -> dict:
 
 
 def sentiment_model_parameters(wildcards) -> str:
-    """Papermill parameters of one fine-tuning run."""
+    """Papermill parameters of one fine-tuning run (001 App. C.2: fewer epochs on the larger task sets)."""
     name = wildcards.name
-    domains = {"base": [SENT["base_domain"]], "alldata": [SENT["base_domain"], *SENT["task_domains"]]}.get(name, [name])
+    if name == "base":
+        train = SENT["base_train"]
+    elif name in SENT["task_domains"]:
+        train = SENT["task_train"] | {"epochs": SENT["task_epochs"].get(name, SENT["task_train"]["epochs"])}
+    else:  # the all-data target and the subset targets: the tasks' learning rate, task_train's epochs
+        train = SENT["task_train"]
     return notebook_parameters({
         "name": name,
-        "domains": domains,
+        "domains": model_domains(name, SENT["base_domain"], SENT["task_domains"]),
         "init_dir": f"{SENT_DIR}/models/{'pretrained' if name == 'base' else 'base'}",
         "out_dir": f"{SENT_DIR}/models/{name}",
         "data_dir": f"{DATA}/prepared/sentiment",
-        "train": SENT["base_train"] if name == "base" else SENT["task_train"],
+        "train": train,
         **{k: SENT[k] for k in ("max_train", "max_length", "seed")},
     })
 
@@ -65,7 +79,7 @@ rule sentiment_pretrained:
 
 
 wildcard_constraints:
-    name="|".join(SENT_MODELS),
+    name="|".join(re.escape(m) for m in SENT_MODELS),
     merged="|".join(["base", *SENT["task_domains"]]),
 
 
@@ -129,7 +143,8 @@ rule sentiment_merge:
     params:
         notebook=notebook_parameters({
             **{k: SENT[k] for k in ("base_domain", "task_domains", "max_validation", "max_test", "max_mismatch",
-                                     "max_train", "max_length", "delta", "alphas", "ties_k", "regmean_offdiag", "seed")},
+                                     "max_train", "max_length", "delta", "alphas", "ties_k", "regmean_offdiag",
+                                     "target_subsets", "seed")},
             "models_dir": f"{SENT_DIR}/models",
             "curvature_dir": f"{SENT_DIR}/curvature",
             "data_dir": f"{DATA}/prepared/sentiment",

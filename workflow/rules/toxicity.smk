@@ -91,6 +91,7 @@ rule toxicity_curvature:
     benchmark:
         f"{RESULTS}/benchmarks/toxicity/curvature_{{lm}}.tsv"
     threads: 1
+    priority: 10  # the longest jobs, on the critical path to Eq. 13's rows: start them first
     run:
         from modelmerge.experiments.toxicity import toxicity_curvature
 
