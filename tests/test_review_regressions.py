@@ -84,6 +84,10 @@ def test_tied_lm_head_gets_no_factors_and_supermerge_handles_tied_weights(tok):
     batches = text_batches(tok, TEXTS, None, 20, 16, task="causal_lm")
     f = layer_factors(model, batches, kind="kfac", task="causal_lm", progress=False, device="cpu")
     assert "lm_head.weight" not in f.A and "model.layers.0.mlp.down_proj.weight" in f.A
+    from modelmerge.curvature.hooks import LayerHooks
+
+    # never accumulated either: for a real vocabulary the head's output factor would be V x V (49,152^2 for SmolLM2)
+    assert "lm_head" not in LayerHooks(model, "kfac").modules and "lm_head" in LayerHooks(model, "sq_grad").modules
     base = {k: v.clone() for k, v in model.state_dict().items()}
     tasks = [{k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.items()} for _ in range(2)]
     for t in tasks:

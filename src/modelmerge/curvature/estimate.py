@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from modelmerge.curvature.base import KFAC, Curvature, Gram
-from modelmerge.curvature.hooks import LayerHooks, linear_layers
+from modelmerge.curvature.hooks import LayerHooks, linear_layers, tied_parameter_ids
 from modelmerge.io import LazySafetensors, SafetensorsWriter
 
 TASKS = ("classification", "causal_lm")
@@ -186,14 +186,6 @@ class LayerFactors:
         return cls(meta["kind"], A, B, json.loads(meta["in_axis"]), int(meta["n"]), meta)
 
 
-def _tied_ids(model: nn.Module) -> set[int]:
-    """ids of parameters reachable under more than one name."""
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {i for i, c in seen.items() if c > 1}
-
-
 def _expand_tied(model: nn.Module, stats: dict[str, Tensor]) -> dict[str, Tensor]:
     """Give every name of a tied parameter (e.g. embeddings and LM head) the statistics of its canonical name."""
     canonical = {id(p): n for n, p in model.named_parameters()}
@@ -321,7 +313,7 @@ def _layer_factors_of(model: nn.Module, hooks: LayerHooks, kind: str, n: int, me
     layers = linear_layers(model)
     # a layer whose weight is tied to another use (an LM head sharing the embeddings) gets no factors: they
     # would describe only one of its uses; such weights fall back to whatever covers the other parameters
-    tied = _tied_ids(model)
+    tied = tied_parameter_ids(model)
     weight = {name: f"{name}.weight" if name else "weight" for name in layers}
     keep = [k for k in hooks.A if id(layers[k][0].weight) not in tied]
     if kind == "gram":

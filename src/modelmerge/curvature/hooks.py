@@ -47,6 +47,14 @@ def supported_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def tied_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under more than one name (tied embeddings and LM heads)."""
+    seen: dict[int, int] = defaultdict(int)
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] += 1
+    return {i for i, c in seen.items() if c > 1}
+
+
 def linear_layers(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
     """Linear layers as name -> (module, axis of the weight that meets the input): 1 for Linear, 0 for Conv1D."""
     out = {}
@@ -140,8 +148,10 @@ class LayerHooks:
         self._pieces: dict[int, list] = defaultdict(list)  # factored per-example gradients of shared weights
         if mode == "sq_grad":
             self.modules = supported_modules(model)
-        else:
-            self.modules = {n: m for n, (m, _) in linear_layers(model).items()}
+        else:  # a linear layer whose weight is tied to another use (an LM head) gets no factors: skip it (its
+            # output-gradient factor would be vocabulary x vocabulary)
+            tied = tied_parameter_ids(model)
+            self.modules = {n: m for n, (m, _) in linear_layers(model).items() if id(m.weight) not in tied}
         self.covered = {
             self._param_names[id(p)] for m in self.modules.values() for p in m.parameters(recurse=False)
         }
