@@ -94,6 +94,17 @@ def test_causal_lm_per_sequence_fisher_equals_loop_with_and_without_padding(make
     assert set(hooks.f_sum) == {n for n, _ in model.named_parameters(remove_duplicate=False)}
 
 
+def test_tied_head_fisher_block_by_block_equals_loop(monkeypatch):
+    """The CPU path in blocks of one weight row at a time (embedding rows scattered into each block) = the loop."""
+    import modelmerge.curvature.hooks as hooks
+
+    monkeypatch.setattr(hooks, "CPU_BLOCK_BYTES", 1)  # one row per block: every scatter crosses block bounds
+    model, batch = tiny_llama(tie=True), padded_batch()
+    blocked = diagonal_fisher(model, [batch], task="causal_lm", progress=False, device="cpu")
+    loop = diagonal_fisher(model, unpadded_singles(batch), task="causal_lm", method="loop", progress=False, device="cpu")
+    assert_fisher_close(blocked.f_sum, loop.f_sum)
+
+
 class SoftmaxRegression(nn.Module):
     def __init__(self, d, c):
         super().__init__()

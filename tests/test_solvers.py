@@ -57,6 +57,10 @@ def test_damped_kfac_solves_exactly_in_the_eigenbases_and_agrees_with_cg(in_axis
         cg = ConjugateGradient(max_iter=200, tol=1e-13)(damped.mv, W, None, "w")
         torch.testing.assert_close(cg.reshape(-1), exact, rtol=1e-6, atol=1e-6 * float(exact.abs().max()))
     assert len(base._eig) == 1  # one eigendecomposition for both dampings
+    # float32 weights: the eigenbases are float64, so a tiny damping is still resolved (float32 eigh would not be)
+    damped = base + Scalar(1e-6)
+    exact = torch.linalg.solve(damped.to_dense(W), W.reshape(-1))
+    torch.testing.assert_close(damped.solve(W.float()).double().reshape(-1), exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
     torch.testing.assert_close((base + Scalar(0.5)).scale(3.0).to_dense(W), 3.0 * (base + Scalar(0.5)).to_dense(W))
 
 

@@ -5,6 +5,10 @@ from modelmerge.experiments.sentiment import model_domains, target_name
 
 SENT = config["sentiment"]
 SENT_DIR = f"{RESULTS}/sentiment"
+for _key in ("task_epochs", "max_train"):  # a misspelt domain would silently fall back to the default
+    if isinstance(SENT[_key], dict) and not set(SENT[_key]) <= {SENT["base_domain"], *SENT["task_domains"]}:
+        raise ValueError(f"sentiment.{_key}: {sorted(set(SENT[_key]) - {SENT['base_domain'], *SENT['task_domains']})} "
+                         f"are not the base or task domains")
 for _subset in SENT["target_subsets"]:
     if not set(_subset) <= set(SENT["task_domains"]):
         raise ValueError(f"sentiment.target_subsets: {sorted(set(_subset) - set(SENT['task_domains']))} are not among "

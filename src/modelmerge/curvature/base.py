@@ -293,13 +293,13 @@ class KFAC(Curvature):
     For ``nn.Linear`` (``in_axis=1``, weight out x in) H W = c B W A + delta W; for ``Conv1D`` (``in_axis=0``)
     H W = c A W B + delta W. Undamped, ``solve`` is B^-1 R A^-1 by Cholesky; damped, it is exact in the factors'
     eigenbases, A = U diag(a) U^T and B = V diag(b) V^T: W = V [(V^T R U) / (c b a^T + delta)] U^T (eigenbases
-    computed once per factor pair and shared by every damping).
+    computed once per factor pair in float64 and shared by every damping).
     """
 
     def __init__(self, A: Tensor, B: Tensor, in_axis: int = 1, c: float = 1.0, damping: float = 0.0,
                  _eig: dict | None = None):
         self.A, self.B, self.in_axis, self.c, self.damping = A, B, in_axis, float(c), float(damping)
-        self._eig = {} if _eig is None else _eig  # (dtype, device) -> eigendecompositions, shared with copies
+        self._eig = {} if _eig is None else _eig  # device -> float64 eigendecompositions, shared with copies
 
     def __repr__(self) -> str:
         damped = f", damping={self.damping:g}" if self.damping else ""
@@ -313,23 +313,26 @@ class KFAC(Curvature):
         out = self.c * (B @ x @ A if self.in_axis == 1 else A @ x @ B)
         return out + self.damping * x if self.damping else out
 
-    def _eigh(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        key = (like.dtype, like.device)
-        if key not in self._eig:
-            A, B = self._factors(like)
-            a, U = torch.linalg.eigh(A)
-            b, V = torch.linalg.eigh(B)
-            self._eig[key] = (a.clamp_min(0), U, b.clamp_min(0), V)  # PSD factors: round-off negatives are 0
-        return self._eig[key]
+    def _eigh(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Eigendecompositions of A and B in float64 (a tiny damping resolves the small eigenvalues, which float32
+        round-off would swamp), cached per device."""
+        if device not in self._eig:
+            a, U = torch.linalg.eigh(self.A.to(device=device, dtype=torch.float64))
+            b, V = torch.linalg.eigh(self.B.to(device=device, dtype=torch.float64))
+            self._eig[device] = (a.clamp_min(0), U, b.clamp_min(0), V)  # PSD factors: round-off negatives are 0
+        return self._eig[device]
 
     def solve(self, b, name="?", x0=None, solver=None) -> Tensor:
-        if self.c <= 0:
-            raise MergeInputError(name, "K-FAC curvature with a non-positive scale cannot be inverted")
+        if self.c < 0 or (self.c == 0 and self.damping <= 0):
+            raise MergeInputError(name, "K-FAC curvature with a non-positive scale and no damping cannot be inverted")
         if self.damping > 0:
-            a, U, bb, V = self._eigh(b)
+            a, U, bb, V = self._eigh(b.device)
+            r = b.to(torch.float64)
             if self.in_axis == 1:  # rows meet B, columns meet A
-                return V @ ((V.T @ b @ U) / (self.c * bb[:, None] * a[None, :] + self.damping)) @ U.T
-            return U @ ((U.T @ b @ V) / (self.c * a[:, None] * bb[None, :] + self.damping)) @ V.T
+                x = V @ ((V.T @ r @ U) / (self.c * bb[:, None] * a[None, :] + self.damping)) @ U.T
+            else:
+                x = U @ ((U.T @ r @ V) / (self.c * a[:, None] * bb[None, :] + self.damping)) @ V.T
+            return x.to(b.dtype)
         A, B = self._factors(b)
         ca = _cholesky(A, name, "K-FAC input factor A", jitter=False)
         cb = _cholesky(B, name, "K-FAC output-gradient factor B", jitter=False)

@@ -345,6 +345,8 @@ def fisher_and_kfac(
     model = model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
     n = 0
+    # the Fisher hooks enter first: they record which parameters were trainable (parameters_not_covered) before
+    # either context freezes them, and exit last, restoring them
     with LayerHooks(model, "sq_grad") as squares, LayerHooks(model, "kfac") as factors:
         for batch in _batches(batches, device, f"{fisher} Fisher and K-FAC", progress):
             for hooks in (squares, factors):

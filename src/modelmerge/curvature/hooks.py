@@ -84,7 +84,7 @@ def square_sum_into(
     """
     rows, cols = acc.shape
     cpu = acc.device.type == "cpu"
-    chunk = chunk or (1 if cpu else 16)
+    chunk = min(chunk or (1 if cpu else 16), n)
     block = block_rows or (max(1, CPU_BLOCK_BYTES // (cols * acc.element_size())) if cpu else rows)
     block = min(block, rows)
     starts = list(range(0, rows, block))
@@ -120,8 +120,8 @@ def square_sum_into(
                         pe[e - k].index_add_(0, left[s0:s1] - (e * rows + r0), right[s0:s1])
             if c == 1:
                 out.addcmul_(pe[0], pe[0])
-            else:
-                out += (pe * pe).sum(0)
+            else:  # squared in place: no second buffer
+                out += pe.square_().sum(0)
 
 
 class LayerHooks:

@@ -71,8 +71,8 @@ def sentiment_curvature(
     model_dir: str, data_dir: str, domain: str, fisher_path: str, gram_path: str,
     max_train: Cap, max_length: int, seed: int = 0, threads: int = 1,
 ) -> str:
-    """Diagonal empirical Fisher (F_sum, N) and RegMean Grams of one model in one pass over its whole training
-    data (001 App. C.2), batched by length (the sums do not depend on the order); saved."""
+    """Diagonal empirical Fisher (F_sum, N) and RegMean Grams of one model, each from one pass over its whole
+    training data (001 App. C.2), batched by length (the sums do not depend on the order); saved."""
     import time
 
     import torch
