@@ -5,10 +5,9 @@ from modelmerge.experiments.sentiment import model_domains, target_name
 
 SENT = config["sentiment"]
 SENT_DIR = f"{RESULTS}/sentiment"
-for _key in ("task_epochs", "max_train"):  # a misspelt domain would silently fall back to the default
-    if isinstance(SENT[_key], dict) and not set(SENT[_key]) <= {SENT["base_domain"], *SENT["task_domains"]}:
-        raise ValueError(f"sentiment.{_key}: {sorted(set(SENT[_key]) - {SENT['base_domain'], *SENT['task_domains']})} "
-                         f"are not the base or task domains")
+if len(SENT["task_epochs"]) != len(SENT["task_domains"]):
+    raise ValueError(f"sentiment.task_epochs has {len(SENT['task_epochs'])} entries; task_domains has "
+                     f"{len(SENT['task_domains'])}: give one number of epochs per task domain, in that order")
 for _subset in SENT["target_subsets"]:
     if not set(_subset) <= set(SENT["task_domains"]):
         raise ValueError(f"sentiment.target_subsets: {sorted(set(_subset) - set(SENT['task_domains']))} are not among "
@@ -46,7 +45,7 @@ def sentiment_model_parameters(wildcards) -> str:
     if name == "base":
         train = SENT["base_train"]
     elif name in SENT["task_domains"]:
-        train = SENT["task_train"] | {"epochs": SENT["task_epochs"].get(name, SENT["task_train"]["epochs"])}
+        train = SENT["task_train"] | {"epochs": SENT["task_epochs"][SENT["task_domains"].index(name)]}
     else:  # the all-data target and the subset targets: the tasks' learning rate, task_train's epochs
         train = SENT["task_train"]
     return notebook_parameters({
