@@ -237,6 +237,11 @@ def diagonal_fisher(
             generator = torch.Generator().manual_seed(seed)
             extra, _ = _fisher_loop(model, batches, task, fisher, generator, device, set(rest), desc + " (rest)", progress)
             f_sum.update(extra)
+    return _diagonal_fisher_of(model, f_sum, n, fisher, task, seed, method, data)
+
+
+def _diagonal_fisher_of(model, f_sum, n, fisher, task, seed, method, data) -> DiagonalFisher:
+    """F_sum on the CPU under every name of a tied parameter, with the estimator in the metadata."""
     f_sum = {k: v.cpu() for k, v in _expand_tied(model, f_sum).items()}
     meta = {"estimator": f"diagonal {fisher} Fisher", "task": task, "seed": str(seed), "method": method, "data": data}
     return DiagonalFisher(f_sum, n, meta)
@@ -360,8 +365,6 @@ def fisher_and_kfac(
         rest = list(squares.parameters_not_covered())
     if rest:
         raise NotImplementedError(f"the hooks do not cover {rest[:5]}: use diagonal_fisher and layer_factors")
-    f_sum = {k: v.cpu() for k, v in _expand_tied(model, dict(squares.sq_grad)).items()}
-    fisher_meta = {"estimator": f"diagonal {fisher} Fisher", "task": task, "seed": str(seed), "method": "hooks",
-                   "data": data}
     kfac_meta = {"estimator": "kfac", "task": task, "fisher": fisher, "seed": str(seed), "data": data}
-    return DiagonalFisher(f_sum, n, fisher_meta), _layer_factors_of(model, factors, "kfac", n, kfac_meta)
+    return (_diagonal_fisher_of(model, dict(squares.sq_grad), n, fisher, task, seed, "hooks", data),
+            _layer_factors_of(model, factors, "kfac", n, kfac_meta))
