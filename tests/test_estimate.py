@@ -231,3 +231,32 @@ def test_one_pass_fisher_and_kfac_equal_the_two_separate_estimators(fisher, mode
         torch.testing.assert_close(joint_k.A[k], alone_k.A[k], rtol=1e-6, atol=0)
         torch.testing.assert_close(joint_k.B[k], alone_k.B[k], rtol=1e-6, atol=0)
     assert all(p.requires_grad for p in model.parameters())  # both hooks restored the model
+
+
+@pytest.mark.parametrize("kind", ["gram", "kfac"])
+def test_layers_fed_one_tensor_share_its_input_sum_and_each_keeps_its_own(kind):
+    # llama's query/key/value (and gate/up) projections read the same tensor: the hooks compute its z z^T once;
+    # every layer's A must still be the sum over its own unpadded inputs (reference: plain forward hooks)
+    from modelmerge.models import tiny_model
+
+    model = tiny_model("llama", 40, task="causal_lm", seed=2)
+    batches = [padded_batch(seed=1), padded_batch(seed=4)]
+    ref, tokens = {}, {}
+    handles = [m.register_forward_hook(lambda m, a, o, name=name: ref.setdefault(name, []).append(a[0].detach()))
+               for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in handles:
+        h.remove()
+    sums = {}
+    for name, xs in ref.items():
+        z = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(xs, batches)])
+        sums[f"{name}.weight"], tokens[f"{name}.weight"] = z.T @ z, z.shape[0]
+    factors = layer_factors(model, batches, kind=kind, task="causal_lm", progress=False, device="cpu")
+    assert set(factors.A) == set(sums)
+    for name, s in sums.items():
+        norm = factors.n if kind == "gram" else tokens[name]
+        torch.testing.assert_close(factors.A[name], s / norm, rtol=1e-5, atol=1e-6)
+    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    assert torch.equal(factors.A[q], factors.A[q.replace("q_proj", "v_proj")]) and not torch.allclose(factors.A[q], factors.A[o])

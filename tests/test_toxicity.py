@@ -152,3 +152,24 @@ def test_update_norms_are_one_for_task_arithmetic_and_group_parameters():
     doubled = {k: base[k] - 2 * 0.4 * (toxic[k] - base[k]) if "up_proj" in k else ta[k] for k in base}
     assert update_norms(base, toxic, doubled, 0.4) == pytest.approx(
         {"embeddings (tied LM head)": 1.0, "linear layers": 2.0, "norms": 1.0})
+
+
+def test_a_model_above_the_perplexity_cap_is_not_generated_from_and_perplexity_ignores_batch_order():
+    from modelmerge.evaluate import perplexity
+    from modelmerge.experiments.toxicity import generation_report
+    from modelmerge.models import train_tokenizer
+    from modelmerge.train import text_batches
+
+    texts = [" ".join(f"w{(i * j) % 17}" for j in range(1 + i % 9)) for i in range(30)]
+    tok = train_tokenizer(texts, vocab_size=60)
+    model = tiny_model("llama", tok.vocab_size, task="causal_lm", seed=1)
+    cfg = dict(scorer="profanity-check", threshold=0.5, prefix="", max_new_tokens=3, top_p=0.9, seed=0, max_length=16,
+               batch_size=4)
+    scored = generation_report(model, tok, texts[:5], texts[5:], **cfg)
+    # the report batches the held-out texts by length: exp(mean NLL) cannot depend on how they are batched
+    expected = perplexity(model, text_batches(tok, texts[5:], None, 3, 16, task="causal_lm"))
+    assert scored["perplexity"] == pytest.approx(expected, rel=1e-6)
+    assert scored["scored"] and scored["n_prompts"] == 5 and len(scored["generations"]) == 5
+    capped = generation_report(model, tok, texts[:5], texts[5:], **cfg, max_perplexity=0.5 * expected)
+    assert not capped["scored"] and capped["generations"] == [] and capped["perplexity"] == scored["perplexity"]
+    assert all(capped[k] != capped[k] for k in ("100 x avg. toxicity", "% toxic"))  # NaN: not scored

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from modelmerge.evaluate import (
+    generate,
     gradient_mismatch,
     perplexity,
     task_accuracies,
@@ -166,3 +167,36 @@ def test_paired_bootstrap_is_antisymmetric_and_exact_in_degenerate_cases():
     # a right and b wrong on every example of one task of two: the difference is 1/2 on every resample
     ones = {"x": np.ones(30), "y": np.ones(40)}
     assert paired_bootstrap(ones, {"x": np.zeros(30), "y": np.ones(40)}) == pytest.approx((0.5, 0.5, 0.5))
+
+
+def test_length_grouped_batches_hold_every_text_once_in_shuffled_order_with_less_padding(toy):
+    _, _, tok = toy
+    rng = np.random.default_rng(3)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 15)))) for _ in range(203)]
+
+    def rows(batches):
+        return sorted(tuple(ids[m.bool()].tolist()) for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"]))
+
+    plain = text_batches(tok, texts, None, 8, 32, True, 5, "causal_lm")
+    grouped = text_batches(tok, texts, None, 8, 32, True, 5, "causal_lm", group_by_length=True, group_batches=4)
+    assert rows(grouped) == rows(plain) and len(grouped) == len(plain)  # every text once, as many batches
+    def padding(batches):
+        return sum(b["input_ids"].numel() - int(b["attention_mask"].sum()) for b in batches)
+
+    assert padding(grouped) < 0.5 * padding(plain)
+    widths = [b["input_ids"].shape[1] for b in grouped]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)  # batch order is shuffled
+    again = text_batches(tok, texts, None, 8, 32, True, 5, "causal_lm", group_by_length=True, group_batches=4)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(grouped, again))
+    with pytest.raises(ValueError, match="shuffle"):
+        text_batches(tok, texts, None, 8, 32, task="causal_lm", group_by_length=True)
+
+
+def test_generation_grouped_by_length_returns_continuations_in_prompt_order(toy):
+    _, _, tok = toy
+    model = tiny_model("llama", tok.vocab_size, task="causal_lm", seed=4)
+    prompts = ["good", "the movie was really quite awful food", "bad movie", "great", "the food was fine", "poor"]
+    # top_p -> 0 keeps only the most likely token: decoding is deterministic, so how prompts are batched cannot matter
+    one = [generate(model, tok, [p], prefix="", max_new_tokens=4, top_p=1e-9, batch_size=1)[0] for p in prompts]
+    grouped = generate(model, tok, prompts, prefix="", max_new_tokens=4, top_p=1e-9, batch_size=2, by_length=True)
+    assert grouped == one and len(set(one)) > 1

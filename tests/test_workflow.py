@@ -129,9 +129,12 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     assert len(removals) == len(smoke["alphas"]) * (1 + n_eq13)
     for _, curve in removals.groupby("model"):
         assert sorted(curve["alpha"]) == sorted(smoke["alphas"])
-    assert table4[["100 x avg. toxicity", "% toxic"]].apply(lambda c: c.between(0, 100)).all().all()
+    scored = table4["100 x avg. toxicity"].notna()  # exactly the models within the perplexity cap are scored
+    assert (scored == (table4["PPL"] <= smoke["evaluation"]["max_perplexity"])).all() and scored[:2].all()
+    assert table4.loc[scored, ["100 x avg. toxicity", "% toxic"]].apply(lambda c: c.between(0, 100)).all().all()
     assert (table4["PPL"] > 1).all()
-    assert len(pd.read_csv(tmp_path / "figures" / "toxicity" / "generations.csv")) == 3 * (3 + n_eq13)
+    unscored_shown = int((~scored & (table4["alpha"] == 1.0)).sum())  # the generations table shows alpha = 1
+    assert len(pd.read_csv(tmp_path / "figures" / "toxicity" / "generations.csv")) == 3 * (3 + n_eq13 - unscored_shown)
     # the update diagnostics: one row per Eq. 13 curve, K-FAC and diagonal sharing the embeddings and norms (the
     # diagonal Fisher covers them in both)
     norms = pd.read_csv(tmp_path / "figures" / "toxicity" / "update_norms.csv").set_index("model")

@@ -107,22 +107,31 @@ def generate(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 16,
+    by_length: bool = True,
 ) -> list[str]:
-    """Continuations of ``prefix + prompt`` by nucleus sampling with a fixed seed (the prompt is not returned)."""
+    """Continuations of ``prefix + prompt`` by nucleus sampling with a fixed seed (the prompt is not returned), in
+    the prompts' order; ``by_length`` batches prompts of similar token counts (less left padding to prefill)."""
     model.eval()
     device = next(model.parameters()).device
+    texts = [prefix + p for p in prompts]
+    order = list(range(len(texts)))
+    if by_length:
+        lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        order.sort(key=lambda i: lengths[i])
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only generation pads on the left
-    out = []
+    out: list[str] = [""] * len(texts)
     torch.manual_seed(seed)
     try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [prefix + p for p in prompts[start : start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True).to(device)
             gen = model.generate(
                 **enc, do_sample=True, top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+            decoded = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, text in zip(idx, decoded):
+                out[i] = text
     finally:
         tokenizer.padding_side = side
     return out

@@ -34,6 +34,7 @@ class TrainConfig:
     warmup_steps: int = 100
     max_grad_norm: float = 1.0
     seed: int = 0
+    group_by_length: bool = False  # batch texts of similar token counts (shuffled groups): less padding to compute
 
 
 def text_batches(
@@ -46,23 +47,37 @@ def text_batches(
     seed: int = 0,
     task: str = "classification",
     by_length: bool = False,
+    group_by_length: bool = False,
+    group_batches: int = 50,
 ) -> list[dict[str, Tensor]]:
     """Tokenised, padded batches; causal-LM batches get ``labels`` = input ids with padding set to -100.
 
     ``by_length`` orders the texts by token count (stable) so that batches carry little padding: for sums over
-    examples (curvature), whose value does not depend on the order.
+    examples (curvature), whose value does not depend on the order. ``group_by_length`` (with ``shuffle``, for
+    training) sorts each run of ``group_batches`` x ``batch_size`` shuffled texts by token count, cuts it into
+    batches and shuffles the batches: every text once, random batch order, little padding.
     """
     order = list(range(len(texts)))
     if by_length and shuffle:
         raise ValueError("choose shuffle or by_length, not both")
-    if by_length:
+    if group_by_length and not shuffle:
+        raise ValueError("group_by_length groups a shuffled order: set shuffle=True (or use by_length)")
+    lengths = None
+    if by_length or group_by_length:
         lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    if by_length:
         order = sorted(order, key=lambda i: lengths[i])
     if shuffle:
-        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(texts), generator=generator).tolist()
+        if group_by_length:
+            group = group_batches * batch_size
+            order = [i for g in range(0, len(order), group) for i in sorted(order[g : g + group], key=lambda i: lengths[i])]
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if group_by_length:  # shuffle the batches (the last one may be short: shuffle whole batches, not the flat order)
+        chunks = [chunks[c] for c in torch.randperm(len(chunks), generator=generator).tolist()]
     batches = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in chunks:
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if task == "causal_lm":
@@ -93,7 +108,8 @@ def finetune(
     """Fine-tune ``model`` in place on texts; returns metrics (loss per step, seconds, examples, steps, config)."""
 
     def epoch_batches(epoch: int) -> list[dict[str, Tensor]]:
-        return text_batches(tokenizer, texts, labels, config.batch_size, config.max_length, True, config.seed + epoch, task)
+        return text_batches(tokenizer, texts, labels, config.batch_size, config.max_length, True, config.seed + epoch, task,
+                            group_by_length=config.group_by_length)
 
     return finetune_batches(model, epoch_batches, math.ceil(len(texts) / config.batch_size), len(texts), config, task,
                             penalty_curvature, device, progress)

@@ -188,7 +188,8 @@ rule toxicity_report:
             "deltas": TOX_DELTAS,
             "kfac_deltas": TOX_KFAC_DELTAS,
             **{k: TOX[k] for k in ("alphas", "curvature_examples", "train")},
-            **{k: TOX["evaluation"][k] for k in ("scorer", "threshold", "prefix", "max_new_tokens", "top_p")},
+            **{k: TOX["evaluation"][k] for k in ("scorer", "threshold", "prefix", "max_new_tokens", "top_p",
+                                                  "max_perplexity")},
         }),
     retries: NOTEBOOK_RETRIES
     shell:

@@ -143,6 +143,7 @@ class LayerHooks:
         self._handles: list = []
         self._param_names = {id(p): n for n, p in model.named_parameters()}  # canonical (first) names
         self.batch_size: int | None = None
+        self._last_gram: tuple | None = None  # (input tensor, its version, z^T z, rows) of the last layer input
         self._uses: dict[int, int] = defaultdict(int)  # parameter id -> module calls in this forward
         self._pending: dict[int, Tensor] = {}  # per-example gradients of shared parameters, summed over calls
         self._pieces: dict[int, list] = defaultdict(list)  # factored per-example gradients of shared weights
@@ -180,6 +181,7 @@ class LayerHooks:
         self._uses.clear()
         self._pending.clear()
         self._pieces.clear()
+        self._last_gram = None
 
     def end_batch(self) -> None:
         """Call after each backward pass: squares the summed per-example gradients of shared parameters."""
@@ -222,14 +224,13 @@ class LayerHooks:
             x = args[0].detach() if args else None
             for p in module.parameters(recurse=False):
                 self._uses[id(p)] += 1
+            if self.mode in ("gram", "kfac"):
+                gram, n_rows = self._input_gram(args[0])
+                self._add(self.A, name, gram)
             if self.mode == "gram":
-                rows = self._masked_rows(x.to(self.dtype))
-                self._add(self.A, name, rows.T @ rows)
                 return None
             if self.mode == "kfac":
-                rows = self._masked_rows(x.to(self.dtype))
-                self._add(self.A, name, rows.T @ rows)
-                self.tokens[name] = self.tokens.get(name, 0) + rows.shape[0]
+                self.tokens[name] = self.tokens.get(name, 0) + n_rows
                 fn = lambda g: self._add(self.B, name, (r := g.reshape(-1, g.shape[-1]).to(self.dtype)).T @ r)  # noqa: E731
             else:
                 saved = self._saved_input(module, x)
@@ -246,6 +247,17 @@ class LayerHooks:
             return replaced
 
         return hook
+
+    def _input_gram(self, x: Tensor) -> tuple[Tensor, int]:
+        """(sum over token rows of z z^T, rows) of a layer input; layers fed the same tensor in one forward (the
+        query, key and value projections; gate and up) share one product instead of computing it each."""
+        cached = self._last_gram
+        if cached is not None and cached[0] is x and cached[1] == x._version:
+            return cached[2], cached[3]
+        rows = self._masked_rows(x.detach().to(self.dtype))
+        gram = rows.T @ rows
+        self._last_gram = (x, x._version, gram, rows.shape[0])
+        return gram, rows.shape[0]
 
     def _saved_input(self, module: nn.Module, x: Tensor) -> Tensor:
         if isinstance(module, nn.LayerNorm):

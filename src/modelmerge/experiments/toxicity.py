@@ -192,20 +192,33 @@ def load_tied_state(model, state) -> None:
 def generation_report(
     model, tokenizer, prompts: list[str], heldout: list[str], *, scorer: str, threshold: float, prefix: str,
     max_new_tokens: int, top_p: float, seed: int, max_length: int, batch_size: int = 50,
+    max_perplexity: float = float("inf"),
 ) -> dict:
-    """001 Table 4's columns for one model: toxicity of seeded continuations of prefix + prompt, and perplexity."""
+    """001 Table 4's columns for one model: toxicity of seeded continuations of prefix + prompt, and perplexity.
+
+    A model whose held-out perplexity is not finite or exceeds ``max_perplexity`` is not generated from: its
+    continuations are not language, so a toxicity score of them measures the scorer, not the model (the toxicity
+    columns are NaN and ``scored`` is False).
+    """
+    import math
+
     from modelmerge.evaluate import generate, perplexity, toxicity_scores, toxicity_summary
     from modelmerge.train import text_batches
 
+    ppl = perplexity(model, text_batches(tokenizer, heldout, None, 32, max_length, task="causal_lm", by_length=True))
+    common = {"perplexity": ppl, "n_perplexity_texts": len(heldout), "max_perplexity": max_perplexity}
+    if not (math.isfinite(ppl) and ppl <= max_perplexity):
+        nan = float("nan")
+        return {"100 x avg. toxicity": nan, "% toxic": nan, "s.e. 100 x avg. toxicity": nan, "s.e. % toxic": nan,
+                **common, "scored": False, "n_prompts": 0, "generations": []}
     texts = generate(model, tokenizer, prompts, prefix=prefix, max_new_tokens=max_new_tokens, top_p=top_p, seed=seed,
                      batch_size=batch_size)
     scores = toxicity_scores(texts, scorer)
-    ppl = perplexity(model, text_batches(tokenizer, heldout, None, 32, max_length, task="causal_lm"))
     return {
         **toxicity_summary(scores, threshold),
-        "perplexity": ppl,
+        **common,
+        "scored": True,
         "n_prompts": len(scores),
-        "n_perplexity_texts": len(heldout),
         "generations": [{"prompt": p, "continuation": t, "toxicity": float(s)} for p, t, s in zip(prompts, texts, scores)],
     }
 
@@ -253,5 +266,6 @@ def toxicity_variant(
     report = {"variant": variant, "method": method, "alpha": alpha, "delta_label": delta_label, "delta": delta,
               "update_norms": norms, **report, "seconds": time.perf_counter() - start}
     atomic_write_text(out_json, json.dumps(report, indent=1) + "\n")
-    return (f"{variant}: toxicity {report['100 x avg. toxicity']:.2f}, {report['% toxic']:.1f}% toxic, "
-            f"perplexity {report['perplexity']:.2f}, {report['seconds']:.0f} s")
+    scored = (f"toxicity {report['100 x avg. toxicity']:.2f}, {report['% toxic']:.1f}% toxic" if report["scored"]
+              else f"not generated from (perplexity above {report['max_perplexity']:g})")
+    return f"{variant}: {scored}, perplexity {report['perplexity']:.2f}, {report['seconds']:.0f} s"
