@@ -260,3 +260,19 @@ def test_layers_fed_one_tensor_share_its_input_sum_and_each_keeps_its_own(kind):
         torch.testing.assert_close(factors.A[name], s / norm, rtol=1e-5, atol=1e-6)
     q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
     assert torch.equal(factors.A[q], factors.A[q.replace("q_proj", "v_proj")]) and not torch.allclose(factors.A[q], factors.A[o])
+
+
+def test_kfac_on_every_kth_batch_is_layer_factors_of_those_batches_and_the_fisher_of_all():
+    model = tiny_llama(tie=True)
+    batches = [padded_batch(seed=s) for s in (2, 3, 4)]
+    f, k = fisher_and_kfac(model, batches, task="causal_lm", progress=False, device="cpu", kfac_every=2)
+    alone_f = diagonal_fisher(model, batches, task="causal_lm", progress=False, device="cpu")
+    alone_k = layer_factors(model, batches[::2], kind="kfac", task="causal_lm", progress=False, device="cpu")
+    assert f.n == 18 and k.n == alone_k.n == 12 and k.meta["subsample"] == "batches 0, 2, 4, ..."
+    for name in alone_f.f_sum:
+        torch.testing.assert_close(f.f_sum[name], alone_f.f_sum[name], rtol=1e-6, atol=0)
+    for name in alone_k.A:
+        torch.testing.assert_close(k.A[name], alone_k.A[name], rtol=1e-6, atol=0)
+        torch.testing.assert_close(k.B[name], alone_k.B[name], rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="kfac_every"):
+        fisher_and_kfac(model, batches, task="causal_lm", progress=False, device="cpu", kfac_every=0)

@@ -99,6 +99,7 @@ rule toxicity_curvature:
         summary = toxicity_curvature(
             f"{TOX_DIR}/models/{wildcards.lm}", input.data, output.fisher, output.kfac,
             TOX["curvature_examples"][texts], TOX["max_length"], seed=TOX["seed"], threads=threads,
+            kfac_every=TOX["kfac_every"][texts],
         )
         Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
         Path(log[0]).write_text(summary + "\n")

@@ -340,20 +340,26 @@ def fisher_and_kfac(
     device: str | torch.device | None = None,
     data: str = "",
     progress: bool = True,
+    kfac_every: int = 1,
 ) -> tuple[DiagonalFisher, LayerFactors]:
     """``diagonal_fisher`` and ``layer_factors(kind="kfac")`` of the same per-example gradients, from one
-    forward/backward per batch instead of two (equal to the two calls with the same ``seed``)."""
+    forward/backward per batch instead of two (equal to the two calls with the same ``seed``). With
+    ``kfac_every = k`` the K-FAC factors use batches 0, k, 2k, ... only (the Fisher uses every batch): over batches
+    ordered by length, a length-stratified 1/k of the data for 1/k of the factors' cost."""
     _check(task, fisher)
     if fisher == "exact":
         raise ValueError("K-FAC here uses one label per example: choose fisher='empirical' or 'sampled'")
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device).eval()
+    if kfac_every < 1:
+        raise ValueError(f"kfac_every must be >= 1, got {kfac_every}")
     generator = torch.Generator().manual_seed(seed)
-    n = 0
+    n = n_kfac = 0
     # the Fisher hooks enter first: they record which parameters were trainable (parameters_not_covered) before
     # either context freezes them, and exit last, restoring them
     with LayerHooks(model, "sq_grad") as squares, LayerHooks(model, "kfac") as factors:
-        for batch in _batches(batches, device, f"{fisher} Fisher and K-FAC", progress):
+        for i, batch in enumerate(_batches(batches, device, f"{fisher} Fisher and K-FAC", progress)):
+            factors.active = i % kfac_every == 0
             for hooks in (squares, factors):
                 hooks.begin_batch(_batch_size(batch), batch.get("attention_mask"))
             with torch.enable_grad():
@@ -362,9 +368,12 @@ def fisher_and_kfac(
                 loss.sum().backward()
             squares.end_batch()
             n += _batch_size(batch)
+            n_kfac += _batch_size(batch) if factors.active else 0
         rest = list(squares.parameters_not_covered())
     if rest:
         raise NotImplementedError(f"the hooks do not cover {rest[:5]}: use diagonal_fisher and layer_factors")
     kfac_meta = {"estimator": "kfac", "task": task, "fisher": fisher, "seed": str(seed), "data": data}
+    if kfac_every > 1:
+        kfac_meta["subsample"] = f"batches 0, {kfac_every}, {2 * kfac_every}, ..."
     return (_diagonal_fisher_of(model, dict(squares.sq_grad), n, fisher, task, seed, "hooks", data),
-            _layer_factors_of(model, factors, "kfac", n, kfac_meta))
+            _layer_factors_of(model, factors, "kfac", n_kfac, kfac_meta))

@@ -143,6 +143,7 @@ class LayerHooks:
         self._handles: list = []
         self._param_names = {id(p): n for n, p in model.named_parameters()}  # canonical (first) names
         self.batch_size: int | None = None
+        self.active = True  # False: the hooks record nothing for the next batches
         self._last_gram: tuple | None = None  # (input tensor, its version, z^T z, rows) of the last layer input
         self._uses: dict[int, int] = defaultdict(int)  # parameter id -> module calls in this forward
         self._pending: dict[int, Tensor] = {}  # per-example gradients of shared parameters, summed over calls
@@ -219,7 +220,7 @@ class LayerHooks:
     # -- hooks -------------------------------------------------------------------------------------------
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor):
-            if not isinstance(output, Tensor):
+            if not isinstance(output, Tensor) or not self.active:
                 return None
             x = args[0].detach() if args else None
             for p in module.parameters(recurse=False):

@@ -60,10 +60,11 @@ def text_sample(path: str | os.PathLike, limit: int, seed: int) -> list[str]:
 
 def toxicity_curvature(
     model_dir: str, texts_path: str, fisher_path: str, kfac_path: str, max_examples: int, max_length: int,
-    seed: int = 0, threads: int = 1, batch_size: int = 8,
+    seed: int = 0, threads: int = 1, batch_size: int = 8, kfac_every: int = 1,
 ) -> str:
     """Diagonal empirical Fisher F_sum = sum_n g_n^2 and K-FAC factors of a causal LM (sequence NLL), from one
-    pass over a seeded subsample (texts batched by length: the sums do not depend on the order); saved."""
+    pass over a seeded subsample (texts batched by length: the sums do not depend on the order); the factors from
+    every ``kfac_every``-th batch (a length-stratified subsample); saved."""
     import time
 
     import torch
@@ -78,12 +79,12 @@ def toxicity_curvature(
     batches = text_batches(tokenizer, texts, None, batch_size, max_length, task="causal_lm", by_length=True)
     start = time.perf_counter()
     data = f"{Path(texts_path).stem} ({len(texts)} texts)"
-    fisher, kfac = fisher_and_kfac(model, batches, task="causal_lm", data=data)
+    fisher, kfac = fisher_and_kfac(model, batches, task="causal_lm", data=data, kfac_every=kfac_every)
     fisher.save(fisher_path)
     kfac.save(kfac_path)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    return (f"{Path(texts_path).stem}: N = {fisher.n} texts, {tokens} tokens, {time.perf_counter() - start:.1f} s "
-            f"on {default_device()} ({threads} threads)")
+    return (f"{Path(texts_path).stem}: N = {fisher.n} texts ({kfac.n} for K-FAC), {tokens} tokens, "
+            f"{time.perf_counter() - start:.1f} s on {default_device()} ({threads} threads)")
 
 
 def set_curvatures(curvature_dir: str | os.PathLike, set_sizes: dict[str, int], kfac: bool = False):
