@@ -116,3 +116,20 @@ def test_low_precision_inputs_are_merged_in_float32_and_returned_in_their_dtype(
     for k in base:
         assert merged[k].dtype == dtype
         assert torch.equal(merged[k], ref[k])
+
+
+def test_a_negative_task_curvature_is_named_as_001_numbers_it(models, fishers):
+    # 001 writes H_0 for the base's curvature and H_1 .. H_T for the task models': the first task model's bad
+    # curvature is H_1, never H_0
+    from modelmerge.statedict import MergeInputError
+
+    base, tasks = models
+    bad = [dict(f) for f in fishers]
+    name = next(iter(bad[0]))
+    bad[0][name] = -bad[0][name]
+    with pytest.raises(MergeInputError, match=r"curvature H_1 \(model 0\): curvature has \d+ negative entries"):
+        gradient_matching(base, tasks, bad, Scalar(1.0))
+    bad = [dict(f) for f in fishers]
+    bad[2][name] = -bad[2][name]
+    with pytest.raises(MergeInputError, match=r"curvature H_3 \(model 2\)"):
+        gradient_matching(base, tasks, bad, Scalar(1.0))

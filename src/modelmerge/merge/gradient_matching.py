@@ -43,7 +43,8 @@ def gradient_matching(
 
     def rule(name: str, theta0: Tensor, thetas: list[Tensor]) -> Tensor:
         h0 = curvature_for(base_curvature, name, theta0, label="base curvature H_0") + Scalar(delta)
-        hs = [curvature_for(h, name, theta0, label=f"curvature H_{i}") for i, h in enumerate(curvatures)]
+        # 001 numbers the task models 1..T (H_0 is the base's): model i of the list has curvature H_{i+1}
+        hs = [curvature_for(h, name, theta0, label=f"curvature H_{i + 1} (model {i})") for i, h in enumerate(curvatures)]
         hbar = linear_combination([1.0, *a], [h0, *hs])
         taus = [t - theta0 for t in thetas]
         rhs = sum(at * (h0 + h).mv(tau) for at, h, tau in zip(a, hs, taus))

@@ -1,0 +1,172 @@
+"""`modelmerge merge` and `modelmerge curvature` on tiny Hugging Face folders: the README's recipe gives the
+library's own merge, and every bad input stops with a message that names the field, model or parameter."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from modelmerge.cli import main
+from modelmerge.models import tiny_model, train_tokenizer
+from modelmerge.recipe import METHODS, RecipeError, method_parameters, validate_recipe
+
+warnings.filterwarnings("ignore", message=".*token_id.*")
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = [f"word{i % 7} word{(3 * i) % 11} word{(5 * i) % 13} end" for i in range(40)]
+
+
+def readme_recipe() -> str:
+    """The example recipe of the README's "Merge your own models" section."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- recipe-example -->\s*```yaml\n(.*?)```", text, re.S)
+    assert block, "the README's example recipe (after <!-- recipe-example -->) is missing"
+    return block.group(1)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """base/, math/, code/ (tiny llamas: the base plus a seeded task vector each) and their data files."""
+    root = tmp_path_factory.mktemp("models")
+    tok = train_tokenizer(TEXTS, vocab_size=64)
+    for i, name in enumerate(["base", "math", "code"]):
+        model = tiny_model("llama", tok.vocab_size, task="causal_lm", seed=0)
+        if i:
+            gen = torch.Generator().manual_seed(i)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.02 * torch.randn(p.shape, generator=gen))
+        model.save_pretrained(root / name, safe_serialization=True)
+        tok.save_pretrained(root / name)
+    pd.DataFrame({"text": TEXTS[:20]}).to_csv(root / "math.csv", index=False)
+    pd.DataFrame({"text": TEXTS[20:]}).to_csv(root / "code.csv", index=False)
+    return root
+
+
+def test_the_readme_recipe_writes_a_loadable_folder_equal_to_the_library_merge(folders, tmp_path, capsys):
+    import transformers
+
+    from modelmerge.curvature import Scalar
+    from modelmerge.curvature.estimate import diagonal_fisher
+    from modelmerge.merge import gradient_matching
+    from modelmerge.train import text_batches
+
+    text = readme_recipe()
+    (folders / "recipe.yaml").write_text(text)
+    recipe = yaml.safe_load(text)
+    out = tmp_path / "merged"
+    assert main(["merge", str(folders / "recipe.yaml"), str(out), "--dry-run"]) == 0 and not out.exists()
+    assert main(["merge", str(folders / "recipe.yaml"), str(out)]) == 0
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "recipe.yaml"} <= {p.name for p in out.iterdir()}
+    assert "gradient_matching" in (out / "README.md").read_text() and (out / "recipe.yaml").read_text() == text
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+
+    # the same merge through the library: Fishers of each model on its data, H_0 = c I, Eq. 12
+    cfg = recipe["curvature"]
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    tok = transformers.AutoTokenizer.from_pretrained(folders / "base")
+    base = load(folders / "base").state_dict()
+    models, fishers = [], []
+    for entry in recipe["models"]:
+        model = load(folders / entry["model"])
+        texts = pd.read_csv(folders / entry["data"])["text"].tolist()
+        batches = text_batches(tok, texts, None, cfg.get("batch_size", 8), cfg["max_length"], task="causal_lm",
+                               by_length=True)
+        fishers.append(diagonal_fisher(model, batches, task="causal_lm", progress=False, device="cpu").sum())
+        models.append(model.state_dict())
+    names = [k for k in base if k != "lm_head.weight"]  # tied to the embeddings: saved once
+    expected = gradient_matching({k: base[k] for k in names}, [{k: m[k] for k in names} for m in models], fishers,
+                                 Scalar(cfg["base"]), alphas=recipe["parameters"]["alphas"])
+    for k in names:
+        torch.testing.assert_close(merged[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(merged["model.norm.weight"], base["model.norm.weight"])
+
+
+def test_curvature_command_saves_a_file_a_recipe_reuses(folders, tmp_path):
+    from modelmerge.curvature.estimate import DiagonalFisher
+
+    path = tmp_path / "math.fisher.safetensors"
+    assert main(["curvature", str(folders / "math"), str(folders / "math.csv"), str(path), "--max-length", "16"]) == 0
+    fisher = DiagonalFisher.load(path)
+    assert fisher.n == 20 and "model.embed_tokens.weight" in fisher.f_sum
+    recipe = {"method": "fisher_average", "base": "base", "parameters": {"delta": 1e-6},
+              "models": [{"model": "math", "curvature": str(path)}, {"model": "code", "curvature": str(path)}]}
+    (folders / "fa.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "fa"
+    assert main(["merge", str(folders / "fa.yaml"), str(out)]) == 0
+    # one Fisher for both: Fisher averaging is the Fisher-weighted mean, here (F theta_1 + F theta_2) / 2F
+    from modelmerge.io import load_state_dict
+
+    a, b = (load_state_dict(folders / n / "model.safetensors") for n in ("math", "code"))
+    merged = load_state_dict(out / "model.safetensors")
+    f = fisher.f_sum["model.norm.weight"] + 1e-6
+    want = (f * a["model.norm.weight"] + f * b["model.norm.weight"]) / (2 * f)
+    torch.testing.assert_close(merged["model.norm.weight"], want)
+
+
+def bad(folders, tmp_path, capsys, recipe: dict, match: str) -> None:
+    """The recipe fails with a message matching ``match``, and leaves neither OUT_DIR nor a temporary folder."""
+    path = folders / f"bad_{abs(hash(str(recipe)))}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    before = set(tmp_path.iterdir())
+    assert main(["merge", str(path), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert set(tmp_path.iterdir()) == before  # nothing written, nothing left over
+
+
+def test_every_bad_input_is_refused_by_name_and_leaves_nothing(folders, tmp_path, capsys):
+    ta = {"method": "task_arithmetic", "base": "base", "models": ["math", "code"]}
+    bad(folders, tmp_path, capsys, {**ta, "method": "frankenmerge"}, r"method: unknown method 'frankenmerge'")
+    bad(folders, tmp_path, capsys, {**ta, "models": ["math", "nowhere"]}, r"models\[1\]: no model folder")
+    bad(folders, tmp_path, capsys, {**ta, "parameters": {"alphas": [1.0, 1.0, 1.0]}},
+        r"parameters.alphas: 3 values for 2 models")
+    bad(folders, tmp_path, capsys, {**ta, "parameters": {"k": 0.2}}, r"parameters.k: not a parameter of task_arithmetic")
+    bad(folders, tmp_path, capsys, {**ta, "method": "ties", "parameters": {"k": "most"}}, r"parameters.k: ")
+    bad(folders, tmp_path, capsys, {**ta, "parameters": {"alphas": 1e39}, "models": ["math", "math", "code"]},
+        r"merged tensor is not finite")
+    bad(folders, tmp_path, capsys, {"method": "ties", "models": ["math"]}, r"base: ties .*needs the base model")
+    bad(folders, tmp_path, capsys, {**ta, "modles": []}, r"modles: Extra inputs are not permitted")
+    bad(folders, tmp_path, capsys, {"method": "gradient_matching", "base": "base", "curvature": {"base": 1.0},
+                                    "models": [{"model": "math", "data": "math.csv"}, "code"]},
+        r"models\[1\]: gradient_matching needs this model's curvature")
+
+    # another architecture, and curvature estimated on another model
+    tok = train_tokenizer(TEXTS, vocab_size=64)
+    gpt2 = tiny_model("gpt2", tok.vocab_size, task="causal_lm")
+    gpt2.save_pretrained(folders / "gpt2", safe_serialization=True)
+    tok.save_pretrained(folders / "gpt2")
+    bad(folders, tmp_path, capsys, {**ta, "models": ["math", "gpt2"]}, r"models\[1\]: architecture .*GPT2.* differs")
+    wrong = folders / "gpt2.fisher.safetensors"
+    assert main(["curvature", str(folders / "gpt2"), str(folders / "code.csv"), str(wrong), "--max-length", "16"]) == 0
+    fa = {"method": "fisher_average", "base": "base",
+          "models": [{"model": "math", "curvature": "gpt2.fisher.safetensors"}, {"model": "code", "data": "code.csv"}]}
+    bad(folders, tmp_path, capsys, fa, r"models\[0\].curvature: gpt2.fisher.safetensors has no Fisher for parameter")
+    # same names, other shapes: a llama with a larger vocabulary
+    big = tiny_model("llama", tok.vocab_size + 8, task="causal_lm")
+    big.save_pretrained(folders / "big", safe_serialization=True)
+    tok.save_pretrained(folders / "big")
+    shaped = folders / "big.fisher.safetensors"
+    assert main(["curvature", str(folders / "big"), str(folders / "code.csv"), str(shaped), "--max-length", "16"]) == 0
+    fa["models"][0]["curvature"] = "big.fisher.safetensors"
+    bad(folders, tmp_path, capsys, fa, r"big.fisher.safetensors has shape \(\d+, 32\) for parameter 'model.embed_tokens.weight', the model \(\d+, 32\)")
+
+
+def test_recipe_parameters_are_the_library_signatures():
+    # the CLI cannot drift from the library: each method's parameters are its function's keyword arguments
+    assert set(method_parameters("ties")) == {"k", "lam", "scope"}
+    assert set(method_parameters("gradient_matching")) == {"alphas", "delta", "cg_iterations"}
+    assert set(method_parameters("regmean")) == {"offdiag_scale"}
+    assert method_parameters("ties")["k"][1] == 0.2  # the library's default
+    for name in METHODS:
+        method_parameters(name)  # every signature's hints resolve
+    recipe, params = validate_recipe({"method": "ties", "base": "b", "models": ["m"], "parameters": {"k": 0.5}})
+    assert params.k == 0.5 and params.lam == 1.0 and params.scope == "model"
+    with pytest.raises(RecipeError, match="models: List should have at least 1 item"):
+        validate_recipe({"method": "ties", "base": "b", "models": []})
