@@ -170,3 +170,51 @@ def test_recipe_parameters_are_the_library_signatures():
     assert params.k == 0.5 and params.lam == 1.0 and params.scope == "model"
     with pytest.raises(RecipeError, match="models: List should have at least 1 item"):
         validate_recipe({"method": "ties", "base": "b", "models": []})
+
+
+def test_dpp_selection_skips_a_duplicate_and_merges_the_chosen_models_with_their_alphas(folders, tmp_path, capsys):
+    # models[0] and models[1] are the same model: any subset holding both has det(L_Y) = 0 (S_01 = 1), and with
+    # equal similarity to models[2] the better of the two (higher quality) wins: 003's quality-diversity trade
+    import shutil
+
+    from modelmerge.io import load_state_dict
+    from modelmerge.merge import task_arithmetic
+
+    if not (folders / "math_copy").exists():
+        shutil.copytree(folders / "math", folders / "math_copy")
+    recipe = {"method": "task_arithmetic", "base": "base", "models": ["math", "math_copy", "code"],
+              "parameters": {"alphas": [0.3, 0.5, 0.7]},
+              "select": {"k": 2, "quality": [0.8, 0.9, 0.85], "base_quality": 0.7, "data": "code.csv",
+                         "max_length": 16}}
+    (folders / "dpp.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "dpp"
+    assert main(["merge", str(folders / "dpp.yaml"), str(out)]) == 0
+    assert "DPP selected models[1], models[2]" in capsys.readouterr().out
+    base, copy, code = (load_state_dict(folders / n / "model.safetensors") for n in ("base", "math_copy", "code"))
+    expected = task_arithmetic(base, [copy, code], [0.5, 0.7])
+    merged = load_state_dict(out / "model.safetensors")
+    for k in base:
+        torch.testing.assert_close(merged[k], expected[k])
+    bad(folders, tmp_path, capsys, {**recipe, "select": {**recipe["select"], "quality": [0.8, 0.9]}},
+        r"select.quality: 2 values for 3 models")
+
+
+def test_hub_names_are_downloaded_and_an_unreachable_hub_is_a_clear_error(folders, tmp_path, capsys, monkeypatch):
+    # the hub loader is real (huggingface_hub.snapshot_download); here it is served by a local fixture
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, tuple(allow_patterns)))
+        if repo_id == "someone/missing":
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return str(folders / repo_id.split("/")[1])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    recipe = {"method": "task_arithmetic", "base": "hub-org/base", "models": ["hub-org/math", "code"]}
+    (folders / "hub.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(folders / "hub.yaml"), str(tmp_path / "hub"), "--dry-run"]) == 0
+    assert [c[0] for c in calls] == ["hub-org/base", "hub-org/math"] and "*.safetensors" in calls[0][1]
+    bad(folders, tmp_path, capsys, {**recipe, "models": ["someone/missing"]},
+        r"models\[0\]: 'someone/missing' is not a local path and the hub could not provide it \(OSError")

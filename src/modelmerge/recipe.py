@@ -122,6 +122,23 @@ class Dare(BaseModel):
     seed: int = 0
 
 
+class Select(BaseModel):
+    """003's DPP selection of which models to merge: L = diag(q) S diag(q), the subset of size k maximising
+    det(L_Y), q from each model's validation score relative to the base's, S the mean cosine similarity of the
+    models' mean-pooled last hidden states on the same inputs (``data``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    k: PositiveInt
+    quality: list[float]  # each model's validation score (accuracy, or any higher-is-better metric)
+    base_quality: float | list[float]  # the base model's, on the same data (one, or one per model)
+    data: str  # texts every model represents
+    column: str = "text"
+    examples: PositiveInt = 64
+    max_length: PositiveInt = 128
+    batch_size: PositiveInt = 16
+    exact: bool = True  # enumerate every subset of size k (up to 20 models); False: greedy MAP
+
+
 class Recipe(BaseModel):
     """A merge recipe (see the module docstring)."""
 
@@ -132,6 +149,7 @@ class Recipe(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     curvature: CurvatureConfig | None = None
     dare: Dare | None = None
+    select: Select | None = None
 
     def entries(self) -> list[ModelEntry]:
         """The task models as entries (a bare string is a model without curvature)."""
@@ -190,6 +208,14 @@ def validate_recipe(raw: Any) -> tuple[Recipe, BaseModel]:
         value = getattr(params, key, None)
         if isinstance(value, (list, tuple)) and len(value) != n:
             raise RecipeError(f"parameters.{key}: {len(value)} values for {n} models (one per model, or one number)")
+    if recipe.select is not None:
+        sel = recipe.select
+        if len(sel.quality) != n:
+            raise RecipeError(f"select.quality: {len(sel.quality)} values for {n} models")
+        if isinstance(sel.base_quality, list) and len(sel.base_quality) != n:
+            raise RecipeError(f"select.base_quality: {len(sel.base_quality)} values for {n} models")
+        if sel.k > n:
+            raise RecipeError(f"select.k: cannot select {sel.k} of {n} models")
     if method.uses_base and recipe.base is None:
         raise RecipeError(f"base: {recipe.method} merges task vectors theta_t - theta_0 and needs the base model")
     if recipe.base is None and not any(True for _ in recipe.models):
@@ -501,6 +527,17 @@ class Plan:
     curvature_files: list[list[Path] | None]  # per model: file(s) given, or None (estimated from data)
     curvature_data: list[Path | None]
     base_curvature: float | Path | None
+    recipe_root: Path = Path(".")
+
+    def subset(self, chosen: list[int]) -> Plan:
+        """The plan restricted to the models ``chosen`` (and their alphas and curvature)."""
+        params = self.params.model_copy()
+        alphas = getattr(params, "alphas", None)
+        if isinstance(alphas, (list, tuple)):
+            params.alphas = [alphas[i] for i in chosen]
+        return Plan(self.recipe, params, self.base, [self.models[i] for i in chosen],
+                    [self.curvature_files[i] for i in chosen], [self.curvature_data[i] for i in chosen],
+                    self.base_curvature, self.recipe_root)
 
     @property
     def layout(self) -> ModelSource:
@@ -524,6 +561,10 @@ class Plan:
             elif data:
                 lines.append(f"models[{i}] curvature: estimate {cfg.kind} on {data} (column {cfg.column!r}, "
                              f"{cfg.examples or 'all'} examples, max length {cfg.max_length}, batch {cfg.batch_size})")
+        if r.select is not None:
+            sel = r.select
+            lines.append(f"select: the {sel.k} of {len(self.models)} models of the DPP MAP ({'exact' if sel.exact else 'greedy'}), "
+                         f"similarity of hidden states on {sel.examples} texts of {sel.data}")
         if self.base_curvature is not None:
             lines.append(f"base curvature H_0: {self.base_curvature if isinstance(self.base_curvature, Path) else f'{self.base_curvature:g} I'}")
         largest = lay.largest_tensor_bytes() * 2  # merged in float32 at least
@@ -567,6 +608,12 @@ def plan_recipe(recipe: Recipe, params: BaseModel, root: str | os.PathLike = "."
                 if not (root / e.data).is_file():
                     raise RecipeError(f"models[{i}].data: no data file at {root / e.data}")
             data.append(root / e.data if e.data else None)
+    if recipe.select is not None:
+        if not (root / recipe.select.data).is_file():
+            raise RecipeError(f"select.data: no data file at {root / recipe.select.data}")
+        for m in models:
+            if m.folder is None:
+                raise RecipeError(f"{m.label}: DPP selection compares hidden states and needs a model folder")
     base_curvature = None
     if recipe.method == "gradient_matching":
         b = recipe.curvature.base
@@ -577,7 +624,7 @@ def plan_recipe(recipe: Recipe, params: BaseModel, root: str | os.PathLike = "."
             if not b >= 0:
                 raise RecipeError(f"curvature.base: H_0 = c I needs c >= 0, got {b}")
             base_curvature = float(b)
-    return Plan(recipe, params, base, models, files, data, base_curvature)
+    return Plan(recipe, params, base, models, files, data, base_curvature, root)
 
 
 def model_card(plan: Plan, recipe_text: str) -> str:
@@ -617,6 +664,10 @@ def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: s
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         recipe, method = plan.recipe, METHODS[plan.recipe.method]
+        if recipe.select is not None:
+            chosen, report = dpp_select(plan, device)
+            log(report)
+            plan = plan.subset(chosen)
         cfg = recipe.curvature or CurvatureConfig()
         curvature_paths = []
         for i, (files, data) in enumerate(zip(plan.curvature_files, plan.curvature_data)):
@@ -660,3 +711,47 @@ def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def hidden_states(folder: Path, texts: list[str], max_length: int, batch_size: int, device: str | None = None) -> Tensor:
+    """Mean-pooled last hidden states (texts x features) of a model folder's backbone."""
+    import transformers
+
+    from modelmerge.curvature.estimate import default_device
+    from modelmerge.train import text_batches
+
+    device = torch.device(device) if device else default_device()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = transformers.AutoModel.from_pretrained(folder).to(device).eval()
+    out = []
+    with torch.no_grad():
+        for b in text_batches(tokenizer, texts, None, batch_size, max_length):
+            mask = b["attention_mask"].to(device)
+            h = model(input_ids=b["input_ids"].to(device), attention_mask=mask).last_hidden_state
+            out.append(((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).float().cpu())
+    return torch.cat(out)
+
+
+def dpp_select(plan: Plan, device: str | None = None) -> tuple[list[int], str]:
+    """003's DPP MAP of size k over the plan's models (see ``Select``); returns the indices and a report."""
+    from tqdm.auto import tqdm
+
+    from modelmerge.select import dpp_kernel, exact_map, greedy_map, log_det, quality_scores, similarity_matrix
+
+    sel = plan.recipe.select
+    texts, _ = read_texts(plan.recipe_root / sel.data, sel.column, None, sel.examples, 0)
+    reps = torch.stack([hidden_states(m.folder, texts, sel.max_length, sel.batch_size, device)
+                        for m in tqdm(plan.models, desc="hidden states for the DPP")])
+    try:
+        q = quality_scores(sel.quality, sel.base_quality)
+    except ValueError as err:
+        raise RecipeError(f"select.quality: {err}") from None
+    L = dpp_kernel(q, similarity_matrix(reps))
+    chosen = sorted((exact_map if sel.exact else greedy_map)(L, sel.k))
+    if len(chosen) < sel.k:
+        raise RecipeError(f"select.k: only {len(chosen)} models can be selected with det(L_Y) > 0 (the others are "
+                          "duplicates, or no better than the base)")
+    names = ", ".join(plan.models[i].label for i in chosen)
+    return chosen, f"DPP selected {names} (log det L_Y = {log_det(L, chosen):.3f})"
