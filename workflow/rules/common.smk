@@ -31,11 +31,29 @@ def notebook_parameters(params: dict) -> str:
     return "-y " + shlex.quote(yaml.safe_dump(params, default_flow_style=True, width=10_000).strip())
 
 
+#: `snakemake --report report.html`: every tracked figure and table, grouped by experiment, with a caption naming
+#: the seed table or figure it reproduces and the configuration it ran (workflow/report/<experiment>/<name>.rst)
+REPORT_CATEGORIES = {
+    "data": "Data", "linear": "001: linear models", "sentiment": "001: sentiment", "toxicity": "001: toxicity",
+    "suite": "The eight-task suite (with 001 Fig. 2 left)", "mats": "002: MaTS", "dpp": "003: DPP selection",
+    "supermerge": "004: SuperMerge",
+}
+
+
+def reported(path: str, experiment: str, name: str, kind: str):
+    """``path`` flagged for Snakemake's report with its caption file, under its experiment's category."""
+    key = "suite" if experiment == config["suite"]["name"] else experiment
+    caption = Path(workflow.basedir, "workflow", "report", key, f"{name}.rst")
+    return report(path, caption=str(caption), category=REPORT_CATEGORIES[key], subcategory=kind)
+
+
 def figure_files(experiment: str, name: str) -> list[str]:
-    """The tracked files of one figure."""
-    return [f"{FIGURES}/{experiment}/{name}.png", f"{FIGURES}/{experiment}/{name}.svg"]
+    """The tracked files of one figure (the .png is shown in the report)."""
+    return [reported(f"{FIGURES}/{experiment}/{name}.png", experiment, name, "figures"),
+            f"{FIGURES}/{experiment}/{name}.svg"]
 
 
 def table_files(experiment: str, name: str) -> list[str]:
-    """The tracked files of one table."""
-    return [f"{FIGURES}/{experiment}/{name}.md", f"{FIGURES}/{experiment}/{name}.csv"]
+    """The tracked files of one table (the .csv is shown in the report)."""
+    return [f"{FIGURES}/{experiment}/{name}.md",
+            reported(f"{FIGURES}/{experiment}/{name}.csv", experiment, name, "tables")]

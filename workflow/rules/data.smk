@@ -79,3 +79,9 @@ rule prepare_data:
     retries: NOTEBOOK_RETRIES
     shell:
         "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook}"
+
+
+rule data:
+    """Target: every figure and table of the dataset tables (`snakemake --cores 2 data`)."""
+    input:
+        data_outputs(),

@@ -47,3 +47,9 @@ rule linear_mismatch:
     retries: NOTEBOOK_RETRIES
     shell:
         "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook}"
+
+
+rule linear:
+    """Target: every figure and table of the linear-model identities (001 Theorem 1, Sec. 4.1) (`snakemake --cores 2 linear`)."""
+    input:
+        linear_outputs(),

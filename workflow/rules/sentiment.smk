@@ -156,3 +156,9 @@ rule sentiment_merge:
     retries: NOTEBOOK_RETRIES
     shell:
         "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
+
+
+rule sentiment:
+    """Target: every figure and table of the sentiment experiment (001 Sec. 4.3) (`snakemake --cores 2 sentiment`)."""
+    input:
+        sentiment_outputs(),

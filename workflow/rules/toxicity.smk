@@ -195,3 +195,9 @@ rule toxicity_report:
     retries: NOTEBOOK_RETRIES
     shell:
         "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook}"
+
+
+rule toxicity:
+    """Target: every figure and table of the toxicity experiment (001 Sec. 4.4) (`snakemake --cores 2 toxicity`)."""
+    input:
+        toxicity_outputs(),
