@@ -233,6 +233,17 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     assert [len(level) for level in tree] == levels
     assert all(sorted(t for g in level for t in g) == sorted(smoke_suite["tasks"]) for level in tree)
 
+    # the shareable report: every tracked figure and table embedded under its experiment, with its caption rendered
+    # against the run's configuration
+    html = tmp_path / "report.html"
+    snakemake(*overrides, "--report", str(html))
+    text = html.read_text()
+    for category in ("001: toxicity", "002: MaTS", "003: DPP selection", "004: SuperMerge", "The eight-task suite"):
+        assert category in text
+    assert "001 Table 4: toxicity and perplexity" in text and "base LM <code>tiny</code>" in text
+    for stem in {p.stem for d in ("toxicity", "mats", "linear") for p in (tmp_path / "figures" / d).iterdir()}:
+        assert f"{stem}.csv" in text or f"{stem}.png" in text, stem
+
     # a second run has nothing to do; rerunning the figure rules (models kept) gives identical bytes
     tracked = ("linear", "data", "sentiment", "toxicity", "suite", "mats", "dpp", "supermerge")
     before = {d: digest(tmp_path / "figures" / d) for d in tracked}
@@ -241,3 +252,13 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
               "toxicity_evaluate", "toxicity_report", "suite_report", "suite_fig2", "mats_inits",
               "mats_iterations", "mats_merge", "dpp_select", "supermerge_tables")
     assert {d: digest(tmp_path / "figures" / d) for d in tracked} == before
+
+
+def test_every_tracked_figure_and_table_has_a_report_caption():
+    # `snakemake --report` shows each figure's .png and each table's .csv with workflow/report/<experiment>/<name>.rst
+    tracked = {(p.parent.name, p.stem) for p in (ROOT / "figures").glob("*/*") if p.suffix in (".png", ".csv")}
+    captions = {(p.parent.name, p.stem) for p in (ROOT / "workflow" / "report").glob("*/*.rst")}
+    assert tracked and tracked == captions
+    for experiment, stem in captions:
+        text = (ROOT / "workflow" / "report" / experiment / f"{stem}.rst").read_text()
+        assert re.search(r"\b00[1-4]\b|DESIGN.md|offline", text) and "Configuration:" in text, (experiment, stem)
