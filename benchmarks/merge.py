@@ -8,7 +8,8 @@ process, and the script prints wall time and peak resident memory (the process's
     streamed parameter by parameter from and to safetensors;
   - mergekit 0.1.5 (``mergekit-yaml --lazy-unpickle``, CPU, float32), installed from PyPI into its own
     virtualenv (``--mergekit-venv``; created on first use with ``pip install mergekit==0.1.5``),
-and the largest difference between the two outputs. Targets: no more peak memory than mergekit and at least as
+and the largest difference between the two outputs. The same merges also run through the command line,
+``modelmerge merge RECIPE OUT_DIR`` (a whole model folder: weights, config, model card), beside ``mergekit-yaml``. Targets: no more peak memory than mergekit and at least as
 fast. Semantics that differ: mergekit trims per tensor by default; its TIES elects signs by summed mass
 without our per-entry majority fallback for an exact zero; mergekit's DARE can rescale by L1 norm.
 
@@ -135,6 +136,13 @@ def mergekit_config(method: str, base: Path, tasks: list[Path]) -> str:
     return json.dumps(cfg)  # JSON is YAML
 
 
+def cli_recipe(method: str, base: Path, tasks: list[Path]) -> str:
+    """The `modelmerge merge` recipe of the same merge (TIES: k = 0.2, lam = 1, per tensor or whole model)."""
+    params = {"alphas": 1.0} if method == "task_arithmetic" else {"k": 0.2, "lam": 1.0, "scope": method.split(":")[1]}
+    cfg = {"method": method.split(":")[0], "base": str(base), "models": [str(t) for t in tasks], "parameters": params}
+    return json.dumps(cfg)  # JSON is YAML
+
+
 def max_difference(a: Path, b: Path) -> tuple[float, float]:
     """(largest |a - b| over all tensors, fraction of entries that differ by more than 1e-6)."""
     x, y = load_state_dict(a), load_state_dict(b)
@@ -177,6 +185,12 @@ def main() -> None:
         out = args.out / f"ours-{method.replace(':', '-')}.safetensors"
         r = measure([sys.executable, "-c", OURS, method, str(out), *files])
         rows.append(("ours", label, r, out))
+        recipe = args.out / f"modelmerge-{method.replace(':', '-')}.yml"
+        recipe.write_text(cli_recipe(method, base, tasks))
+        cli_out = args.out / f"modelmerge-{method.replace(':', '-')}"
+        shutil.rmtree(cli_out, ignore_errors=True)
+        r = measure([sys.executable, "-m", "modelmerge.cli", "merge", str(recipe), str(cli_out)])
+        rows.append(("ours CLI", label, r, cli_out / "model.safetensors"))
         if method == "ties:model":
             continue
         mk_method = method.split(":")[0]
@@ -193,11 +207,17 @@ def main() -> None:
     by = {(tool, label): (r, path) for tool, label, r, path in rows}
     for label in ("task arithmetic", "TIES, k = 0.2, per tensor"):
         (ours, p_ours), (mk, p_mk) = by[("ours", label)], by[("mergekit", label)]
+        (cli, p_cli) = by[("ours CLI", label)]
         worst, frac = max_difference(p_ours, p_mk)
         print(
             f"{label}: time mergekit/ours = {mk['wall_s'] / ours['wall_s']:.2f}, "
             f"peak RSS mergekit/ours = {mk['peak_rss_mb'] / ours['peak_rss_mb']:.2f}; "
             f"outputs differ by at most {worst:.2e} ({100 * frac:.3f}% of entries by > 1e-6)"
+        )
+        print(
+            f"{label}, command lines: time mergekit-yaml/modelmerge merge = {mk['wall_s'] / cli['wall_s']:.2f}, "
+            f"peak RSS = {mk['peak_rss_mb'] / cli['peak_rss_mb']:.2f}; modelmerge merge vs the library call: "
+            f"max difference {max_difference(p_ours, p_cli)[0]:.1e}"
         )
 
 
