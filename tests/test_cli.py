@@ -87,26 +87,88 @@ def test_the_readme_recipe_writes_a_loadable_folder_equal_to_the_library_merge(f
     assert not torch.allclose(merged["model.norm.weight"], base["model.norm.weight"])
 
 
-def test_curvature_command_saves_a_file_a_recipe_reuses(folders, tmp_path):
-    from modelmerge.curvature.estimate import DiagonalFisher
-
-    path = tmp_path / "math.fisher.safetensors"
-    assert main(["curvature", str(folders / "math"), str(folders / "math.csv"), str(path), "--max-length", "16"]) == 0
-    fisher = DiagonalFisher.load(path)
-    assert fisher.n == 20 and "model.embed_tokens.weight" in fisher.f_sum
-    recipe = {"method": "fisher_average", "base": "base", "parameters": {"delta": 1e-6},
-              "models": [{"model": "math", "curvature": str(path)}, {"model": "code", "curvature": str(path)}]}
-    (folders / "fa.yaml").write_text(yaml.safe_dump(recipe))
-    out = tmp_path / "fa"
-    assert main(["merge", str(folders / "fa.yaml"), str(out)]) == 0
-    # one Fisher for both: Fisher averaging is the Fisher-weighted mean, here (F theta_1 + F theta_2) / 2F
+def test_curvature_command_files_reused_by_fisher_averaging_and_regmean_with_their_scales(folders, tmp_path):
+    from modelmerge.curvature import Gram
+    from modelmerge.curvature.estimate import DiagonalFisher, LayerFactors
     from modelmerge.io import load_state_dict
+    from modelmerge.merge import fisher_average, regmean
 
-    a, b = (load_state_dict(folders / n / "model.safetensors") for n in ("math", "code"))
+    paths = {}
+    for name, n in (("math", 20), ("code", 20)):
+        for kind in ("fisher", "gram"):
+            paths[name, kind] = tmp_path / f"{name}.{kind}.safetensors"
+            argv = ["curvature", str(folders / name), str(folders / f"{name}.csv"), str(paths[name, kind]),
+                    "--kind", kind, "--max-length", "16", "--examples", str(n if name == "math" else 12)]
+            assert main(argv) == 0
+    fishers = {m: DiagonalFisher.load(paths[m, "fisher"]) for m in ("math", "code")}
+    assert (fishers["math"].n, fishers["code"].n) == (20, 12)  # different N: F_sum and F_avg weigh differently
+    models = [load_state_dict(folders / m / "model.safetensors") for m in ("math", "code")]
+
+    fa = {"method": "fisher_average", "base": "base", "parameters": {"delta": 1e-6},
+          "curvature": {"scale": "mean"},
+          "models": [{"model": m, "curvature": str(paths[m, "fisher"])} for m in ("math", "code")]}
+    (folders / "fa.yaml").write_text(yaml.safe_dump(fa))
+    assert main(["merge", str(folders / "fa.yaml"), str(tmp_path / "fa")]) == 0
+    expected = fisher_average(models, [fishers[m].mean() for m in ("math", "code")], delta=1e-6)
+    merged = load_state_dict(tmp_path / "fa" / "model.safetensors")
+    for k in models[0]:
+        torch.testing.assert_close(merged[k], expected[k])
+
+    # RegMean: Grams (scale sum: Z^T Z, RegMean's own objective) on the linear weights, the diagonal Fisher elsewhere
+    rm = {"method": "regmean", "base": "base", "parameters": {"offdiag_scale": 0.9},
+          "models": [{"model": m, "curvature": [str(paths[m, "gram"]), str(paths[m, "fisher"])]} for m in ("math", "code")]}
+    (folders / "rm.yaml").write_text(yaml.safe_dump(rm))
+    assert main(["merge", str(folders / "rm.yaml"), str(tmp_path / "rm")]) == 0
+    grams = []
+    for m in ("math", "code"):
+        f = LayerFactors.load(paths[m, "gram"])
+        grams.append({k: Gram(a * f.n, f.in_axis[k]) for k, a in f.A.items()})
+    expected = regmean(models, grams, offdiag_scale=0.9, fallback=[fishers[m].sum() for m in ("math", "code")])
+    merged = load_state_dict(tmp_path / "rm" / "model.safetensors")
+    for k in models[0]:
+        torch.testing.assert_close(merged[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_matching_with_kfac_estimated_on_the_fly_is_the_library_cg_solve(folders, tmp_path):
+    from modelmerge.curvature import Scalar, WithFallback
+    from modelmerge.curvature.estimate import DiagonalFisher, LayerFactors, fisher_and_kfac
+    from modelmerge.io import load_state_dict
+    from modelmerge.merge import gradient_matching
+    from modelmerge.solve import ConjugateGradient
+
+    recipe = {"method": "gradient_matching", "base": "base", "parameters": {"alphas": [1.0, 0.5], "cg_iterations": 30},
+              "curvature": {"kind": "kfac", "base": "1e-3", "max_length": 16},  # "1e-3": how YAML reads 1e-3
+              "models": [{"model": m, "data": f"{m}.csv"} for m in ("math", "code")]}
+    (folders / "gm.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "gm"
+    assert main(["merge", str(folders / "gm.yaml"), str(out)]) == 0
+    specs = []
+    for i, m in enumerate(("math", "code")):  # the folder keeps what it estimated: K-FAC and, for the rest, the Fisher
+        kfac = LayerFactors.load(out / "curvature" / f"models_{i}.kfac.safetensors")
+        fisher = DiagonalFisher.load(out / "curvature" / f"models_{i}.fisher.safetensors")
+        specs.append(WithFallback({k: h.scale(kfac.n) for k, h in kfac.curvature().items()}, fisher.sum()))
+    models = [load_state_dict(folders / m / "model.safetensors") for m in ("math", "code")]
+    base = load_state_dict(folders / "base" / "model.safetensors")
+    expected = gradient_matching(base, models, specs, Scalar(1e-3), alphas=[1.0, 0.5],
+                                 solver=ConjugateGradient(max_iter=30))
     merged = load_state_dict(out / "model.safetensors")
-    f = fisher.f_sum["model.norm.weight"] + 1e-6
-    want = (f * a["model.norm.weight"] + f * b["model.norm.weight"]) / (2 * f)
-    torch.testing.assert_close(merged["model.norm.weight"], want)
+    for k in base:
+        torch.testing.assert_close(merged[k], expected[k], rtol=1e-5, atol=1e-6)
+    # and those files are the estimator's: one pass of fisher_and_kfac on the same texts
+    import transformers
+
+    from modelmerge.train import text_batches
+
+    tok = transformers.AutoTokenizer.from_pretrained(folders / "math")
+    texts = pd.read_csv(folders / "math.csv")["text"].tolist()
+    f, k = fisher_and_kfac(transformers.AutoModelForCausalLM.from_pretrained(folders / "math"),
+                           text_batches(tok, texts, None, 8, 16, task="causal_lm", by_length=True),
+                           task="causal_lm", device="cpu", progress=False)
+    saved = LayerFactors.load(out / "curvature" / "models_0.kfac.safetensors")
+    for name in k.A:
+        torch.testing.assert_close(saved.B[name], k.B[name])
+    assert torch.equal(DiagonalFisher.load(out / "curvature" / "models_0.fisher.safetensors").f_sum["model.norm.weight"],
+                       f.f_sum["model.norm.weight"])
 
 
 def bad(folders, tmp_path, capsys, recipe: dict, match: str) -> None:
@@ -148,6 +210,14 @@ def test_every_bad_input_is_refused_by_name_and_leaves_nothing(folders, tmp_path
     fa = {"method": "fisher_average", "base": "base",
           "models": [{"model": "math", "curvature": "gpt2.fisher.safetensors"}, {"model": "code", "data": "code.csv"}]}
     bad(folders, tmp_path, capsys, fa, r"models\[0\].curvature: gpt2.fisher.safetensors has no Fisher for parameter")
+    kfac = folders / "math.kfac.safetensors"
+    assert main(["curvature", str(folders / "math"), str(folders / "math.csv"), str(kfac), "--kind", "kfac",
+                 "--max-length", "16"]) == 0
+    bad(folders, tmp_path, capsys, {**fa, "models": [{"model": "math", "curvature": "math.kfac.safetensors"}, fa["models"][1]]},
+        r"models\[0\].curvature: fisher_average needs a curvature for every parameter, and kfac factors cover only")
+    bad(folders, tmp_path, capsys, {**ta, "curvature": {"kind": "fisher"}}, r"curvature: task_arithmetic uses no curvature")
+    bad(folders, tmp_path, capsys, {**fa, "models": [{"model": "math", "data": "math.csv"}], "curvature": {"column": "body"}},
+        r"models\[0\].data: math.csv has no column 'body' \(it has text\)")
     # same names, other shapes: a llama with a larger vocabulary
     big = tiny_model("llama", tok.vocab_size + 8, task="causal_lm")
     big.save_pretrained(folders / "big", safe_serialization=True)

@@ -45,9 +45,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from modelmerge.recipe import load_recipe, plan_recipe, run_plan
+    from modelmerge.recipe import check_output, load_recipe, plan_recipe, run_plan
 
     recipe, params = load_recipe(args.recipe)
+    check_output(args.out_dir, args.overwrite)
     plan = plan_recipe(recipe, params, root=args.recipe.resolve().parent)
     print(plan.describe())
     if args.dry_run:
@@ -59,15 +60,16 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _curvature(args: argparse.Namespace) -> None:
-    from modelmerge.recipe import Estimate, RecipeError, estimate_curvature, read_texts, resolve_model
+    from modelmerge.recipe import CurvatureConfig, RecipeError, estimate_curvature, read_texts, resolve_model
 
     source = resolve_model(str(args.model), "model", Path.cwd())
     if source.folder is None:
         raise RecipeError(f"model: estimating curvature needs a model folder (config.json, tokenizer), not {args.model}")
     if args.out.suffix != ".safetensors":
         raise RecipeError(f"out: write curvature to a .safetensors file, not {args.out.name}")
-    settings = Estimate(column=args.column, label_column=args.label_column, task=args.task, fisher=args.fisher,
-                        examples=args.examples, max_length=args.max_length, batch_size=args.batch_size, seed=args.seed)
+    settings = CurvatureConfig(kind=args.kind, column=args.column, label_column=args.label_column, task=args.task,
+                               fisher=args.fisher, examples=args.examples, max_length=args.max_length,
+                               batch_size=args.batch_size, seed=args.seed)
     texts, _ = read_texts(args.data, args.column, args.label_column, args.examples, args.seed)
     print(f"{args.kind} of {source.folder} ({source.n_parameters():,} parameters) on {len(texts)} texts "
           f"of {args.data}, max length {args.max_length}, batch {args.batch_size}")
@@ -75,18 +77,23 @@ def _curvature(args: argparse.Namespace) -> None:
         print("dry run: nothing written")
         return
     start = time.perf_counter()
-    summary = estimate_curvature(source.folder, args.data, args.out, args.kind, settings, args.device)
+    summary = estimate_curvature(source.folder, args.data, [args.out], settings, args.device)
     print(f"{summary}; wrote {args.out} in {time.perf_counter() - start:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``modelmerge`` console script; returns the exit status."""
-    from modelmerge.recipe import RecipeError
+    from pydantic import ValidationError
+
+    from modelmerge.recipe import RecipeError, _errors
 
     args = _parser().parse_args(argv)
     try:
         (_merge if args.command == "merge" else _curvature)(args)
-    except (RecipeError, MergeInputError, FileNotFoundError) as err:
+    except ValidationError as err:  # command-line settings checked by the recipe's types
+        print(f"modelmerge {args.command}: error: {_errors(err)}", file=sys.stderr)
+        return 1
+    except (RecipeError, MergeInputError, ValueError, OSError) as err:
         print(f"modelmerge {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

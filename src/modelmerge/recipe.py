@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, field_validator
 from torch import Tensor
 
 from modelmerge import merge as merge_rules
@@ -102,7 +102,18 @@ class CurvatureConfig(Estimate):
 
     kind: Literal["fisher", "gram", "kfac"] = "fisher"
     scale: Literal["sum", "mean"] = "sum"  # F_sum = sum_n g_n^2 (001's H_t) or F_avg = F_sum / N
-    base: float | str | None = None  # gradient matching's H_0: c (H_0 = c I) or a curvature file of the base
+    base: float | str | None = None  # gradient matching's H_0: c (H_0 = c I) or a diagonal Fisher file of the base
+
+    @field_validator("base", mode="before")
+    @classmethod
+    def _number(cls, value):
+        """YAML reads 1e-4 (no dot) as a string: a string that parses as a number is that number."""
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
 
 
 class ModelEntry(BaseModel):
@@ -218,17 +229,30 @@ def validate_recipe(raw: Any) -> tuple[Recipe, BaseModel]:
             raise RecipeError(f"select.k: cannot select {sel.k} of {n} models")
     if method.uses_base and recipe.base is None:
         raise RecipeError(f"base: {recipe.method} merges task vectors theta_t - theta_0 and needs the base model")
-    if recipe.base is None and not any(True for _ in recipe.models):
-        raise RecipeError("models: nothing to merge")
     if recipe.dare is not None and not method.uses_base:
         raise RecipeError(f"dare: DARE drops task-vector entries; {recipe.method} merges whole models (no base)")
     entries = recipe.entries()
+    base_entry = recipe.base_entry()
+    if base_entry is not None and (base_entry.curvature is not None or base_entry.data is not None):
+        raise RecipeError("base: the base model takes no curvature or data here (gradient matching's H_0 is "
+                          "curvature.base)")
+    cfg = recipe.curvature or CurvatureConfig()
+    if recipe.curvature is not None and recipe.curvature.base is not None and recipe.method != "gradient_matching":
+        raise RecipeError(f"curvature.base: only gradient matching uses H_0; {recipe.method} does not")
+    if cfg.task == "classification" and cfg.label_column is None and any(e.data for e in entries):
+        raise RecipeError("curvature.label_column: classification curvature needs the column of integer labels")
+    if cfg.kind != "fisher" and cfg.fisher == "exact":
+        raise RecipeError("curvature.fisher: K-FAC and Grams use one label per example: choose empirical or sampled")
+    if recipe.select is not None and recipe.select.exact and n > 20:
+        raise RecipeError(f"select.exact: enumerating subsets of {n} models is too many; set exact: false (greedy)")
     if method.curvature == "none":
+        if recipe.curvature is not None:
+            raise RecipeError(f"curvature: {recipe.method} uses no curvature; remove the curvature block")
         for i, e in enumerate(entries):
             if e.curvature is not None or e.data is not None:
                 raise RecipeError(f"models[{i}]: {recipe.method} uses no curvature; remove its curvature/data")
     else:
-        kind = (recipe.curvature or CurvatureConfig()).kind
+        kind = cfg.kind
         if method.curvature == "gram" and kind != "gram" and any(e.data for e in entries):
             raise RecipeError(f"curvature.kind: {recipe.method} needs Gram matrices; set kind: gram")
         for i, e in enumerate(entries):
@@ -479,12 +503,14 @@ def read_texts(path: Path, column: str, label_column: str | None, examples: int 
 
 
 def estimate_curvature(
-    folder: Path, data: Path, out: Path, kind: str, settings: Estimate, device: str | None = None
+    folder: Path, data: Path, out: list[Path], settings: CurvatureConfig, device: str | None = None
 ) -> str:
-    """Estimate a model's diagonal Fisher (F_sum), Grams or K-FAC factors on a local data file; save to ``out``."""
-    from modelmerge.curvature.estimate import diagonal_fisher, layer_factors
+    """Estimate a model's diagonal Fisher (F_sum), Grams or K-FAC factors on a local data file and save them to
+    ``out[0]``; with a second path, also the diagonal Fisher (K-FAC: from the same pass) for the other parameters."""
+    from modelmerge.curvature.estimate import diagonal_fisher, fisher_and_kfac, layer_factors
     from modelmerge.train import text_batches
 
+    kind = settings.kind
     model, tokenizer = load_for_task(folder, settings.task)
     texts, labels = read_texts(data, settings.column, settings.label_column, settings.examples, settings.seed)
     if settings.task == "classification" and labels is None:
@@ -492,14 +518,18 @@ def estimate_curvature(
     batches = text_batches(tokenizer, texts, labels, settings.batch_size, settings.max_length, task=settings.task,
                            by_length=True)
     source = f"{data.name} ({len(texts)} texts)"
-    if kind == "fisher":
-        result = diagonal_fisher(model, batches, task=settings.task, fisher=settings.fisher, seed=settings.seed,
-                                 device=device, data=source)
+    common = dict(task=settings.task, fisher=settings.fisher, seed=settings.seed, device=device, data=source)
+    if kind == "kfac" and len(out) == 2:
+        results = fisher_and_kfac(model, batches, **common)[::-1]
+    elif kind == "fisher":
+        results = [diagonal_fisher(model, batches, **common)]
     else:
-        result = layer_factors(model, batches, kind=kind, task=settings.task, fisher=settings.fisher,
-                               seed=settings.seed, device=device, data=source)
-    result.save(out)
-    return f"{kind} of {folder.name} on {source}, N = {result.n}"
+        results = [layer_factors(model, batches, kind=kind, **common)]
+        if len(out) == 2:
+            results.append(diagonal_fisher(model, batches, **common))
+    for result, path in zip(results, out):
+        result.save(path)
+    return f"{' and '.join(p.name.split('.')[-2] for p in out)} of {folder.name} on {source}, N = {results[0].n}"
 
 
 def load_for_task(folder: Path, task: str):
@@ -572,6 +602,9 @@ class Plan:
         peak = (t + 3) * largest * (2 if any(self.curvature_files) or any(self.curvature_data) else 1)
         if any(self.curvature_data):
             peak = max(peak, 4 * n_params * 4)  # a model, its gradients and the running statistics, float32
+        if lay.folder is None:
+            lines.append(f"note: {lay.label} is a bare .safetensors file: the output has no config or tokenizer and "
+                         "does not load with from_pretrained until you add them")
         lines.append(f"output: {n_params:,} parameters streamed to model.safetensors; peak memory estimate "
                      f"~{max(peak / 2**20, 0.1):.1f} MiB")
         return "\n".join(lines)
@@ -597,6 +630,10 @@ def plan_recipe(recipe: Recipe, params: BaseModel, root: str | os.PathLike = "."
                 raise RecipeError(f"{label}: {recipe.method} needs Gram matrices, {paths[0].name} holds {kinds[0]}")
             if len(paths) > 2 or (len(paths) == 2 and (kinds[0] == "fisher" or kinds[1] != "fisher")):
                 raise RecipeError(f"{label}: give one file, or [K-FAC/Gram factors, diagonal Fisher for the rest]")
+            if len(paths) == 1 and kinds[0] != "fisher" and needs_fisher_fallback(recipe.method):
+                raise RecipeError(f"{label}: {recipe.method} needs a curvature for every parameter, and "
+                                  f"{kinds[0]} factors cover only linear weights: give [{paths[0].name}, a diagonal "
+                                  "Fisher file for the rest]")
             files.append(paths)
             data.append(None)
         else:
@@ -605,12 +642,11 @@ def plan_recipe(recipe: Recipe, params: BaseModel, root: str | os.PathLike = "."
                 if models[i].folder is None:
                     raise RecipeError(f"models[{i}].data: estimating curvature needs a model folder with config.json "
                                       f"and a tokenizer, not the bare file {e.model}")
-                if not (root / e.data).is_file():
-                    raise RecipeError(f"models[{i}].data: no data file at {root / e.data}")
+                cfg = recipe.curvature or CurvatureConfig()
+                _check_columns(root / e.data, f"models[{i}].data", cfg.column, cfg.label_column)
             data.append(root / e.data if e.data else None)
     if recipe.select is not None:
-        if not (root / recipe.select.data).is_file():
-            raise RecipeError(f"select.data: no data file at {root / recipe.select.data}")
+        _check_columns(root / recipe.select.data, "select.data", recipe.select.column, None)
         for m in models:
             if m.folder is None:
                 raise RecipeError(f"{m.label}: DPP selection compares hidden states and needs a model folder")
@@ -619,12 +655,34 @@ def plan_recipe(recipe: Recipe, params: BaseModel, root: str | os.PathLike = "."
         b = recipe.curvature.base
         if isinstance(b, str):
             base_curvature = root / b
-            check_curvature_file(base_curvature, "curvature.base", layout)
+            if check_curvature_file(base_curvature, "curvature.base", layout) != "fisher":
+                raise RecipeError("curvature.base: H_0 from a file must be a diagonal Fisher (or a number c: c I)")
         else:
             if not b >= 0:
                 raise RecipeError(f"curvature.base: H_0 = c I needs c >= 0, got {b}")
             base_curvature = float(b)
     return Plan(recipe, params, base, models, files, data, base_curvature, root)
+
+
+def check_output(out: Path, overwrite: bool = False) -> None:
+    """OUT_DIR must not exist, or be empty, or be replaced on purpose."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise RecipeError(f"OUT_DIR: {out} exists and is not empty (pass --overwrite to replace it)")
+
+
+def needs_fisher_fallback(method: str) -> bool:
+    """Methods without a fallback argument: K-FAC/Gram factors must come with a diagonal Fisher for the rest."""
+    return method in ("fisher_average", "gradient_matching")
+
+
+def _check_columns(path: Path, label: str, column: str, label_column: str | None) -> None:
+    """A data file exists, is readable, and has the columns the recipe names (read before any weight)."""
+    if not path.is_file():
+        raise RecipeError(f"{label}: no data file at {path}")
+    try:
+        read_texts(path, column, label_column, None, 0)
+    except RecipeError as err:
+        raise RecipeError(f"{label}: {err}") from None
 
 
 def model_card(plan: Plan, recipe_text: str) -> str:
@@ -658,44 +716,56 @@ def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: s
     from modelmerge.solve import ConjugateGradient
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise RecipeError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, overwrite)
+    if not out.parent.is_dir():
+        raise RecipeError(f"OUT_DIR: the folder {out.parent} does not exist")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         recipe, method = plan.recipe, METHODS[plan.recipe.method]
+        # DARE masks are seeded by each model's place in the recipe, whatever the DPP keeps
+        weights: list[Mapping[str, Tensor]] = [m.weights for m in plan.models]
+        if recipe.dare is not None:
+            weights = merge_rules.dare(plan.base.weights, weights, recipe.dare.p, recipe.dare.seed)
+        chosen = list(range(len(plan.models)))
         if recipe.select is not None:
             chosen, report = dpp_select(plan, device)
             log(report)
             plan = plan.subset(chosen)
         cfg = recipe.curvature or CurvatureConfig()
         curvature_paths = []
-        for i, (files, data) in enumerate(zip(plan.curvature_files, plan.curvature_data)):
+        for i, (files, data) in zip(chosen, zip(plan.curvature_files, plan.curvature_data)):
             if files is None and data is not None:
                 (tmp / "curvature").mkdir(exist_ok=True)
-                path = tmp / "curvature" / f"models_{i}.{cfg.kind}.safetensors"
-                log(estimate_curvature(plan.models[i].folder, data, path, cfg.kind, cfg, device))
-                files = [path]
+                files = [tmp / "curvature" / f"models_{i}.{k}.safetensors"
+                         for k in ([cfg.kind, "fisher"] if cfg.kind != "fisher" and needs_fisher_fallback(recipe.method)
+                                   else [cfg.kind])]
+                log(estimate_curvature(plan.models[len(curvature_paths)].folder, data, files, cfg, device))
+                for f in files:  # what was estimated must fit the model like a given file
+                    check_curvature_file(f, f"models[{i}] (estimated)", plan.layout)
             curvature_paths.append(files)
         kwargs: dict[str, Any] = {}
         params = plan.params.model_dump()
         iterations = params.pop("cg_iterations", None)
         if method.solver:
             kwargs["solver"] = ConjugateGradient(max_iter=iterations)
-        models: list[Mapping[str, Tensor]] = [m.weights for m in plan.models]
-        if recipe.dare is not None:
-            models = merge_rules.dare(plan.base.weights, models, recipe.dare.p, recipe.dare.seed)
         if "base" in method.filled:
             kwargs["base"] = plan.base.weights
-        kwargs["models"] = models
-        if method.curvature != "none":
+        kwargs["models"] = [weights[i] for i in chosen]
+        if recipe.method == "regmean":  # Grams, and the diagonal Fisher (if given) for what they do not cover
+            kwargs["grams"] = [load_curvature(files[:1], cfg.scale) for files in curvature_paths]
+            fallbacks = [len(files) == 2 for files in curvature_paths]
+            if any(fallbacks) and not all(fallbacks):
+                raise RecipeError("models: give every model a diagonal Fisher fallback, or none (RegMean then "
+                                  "averages what the Grams do not cover)")
+            if all(fallbacks):
+                kwargs["fallback"] = [load_curvature(files[1:], cfg.scale) for files in curvature_paths]
+        elif method.curvature != "none":
             specs = [load_curvature(files, cfg.scale) for files in curvature_paths]
-            key = {"fisher_average": "fishers", "regmean": "grams"}.get(recipe.method, "curvatures")
-            kwargs[key] = specs
+            kwargs["fishers" if recipe.method == "fisher_average" else "curvatures"] = specs
         if recipe.method == "gradient_matching":
             b = plan.base_curvature
             kwargs["base_curvature"] = load_curvature([b], cfg.scale) if isinstance(b, Path) else Scalar(b)
-        meta = {"modelmerge_method": recipe.method}
+        meta = {"format": "pt", "modelmerge_method": recipe.method}  # "format": what transformers 4.x expects
         with SafetensorsWriter.like(plan.layout.weights, tmp / "model.safetensors", metadata=meta) as writer:
             method.function(**kwargs, **params, out=writer)
         if plan.layout.folder is not None:

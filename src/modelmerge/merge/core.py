@@ -45,8 +45,8 @@ def merge_parameters(
             out[name] = b
             continue
         cd = compute_dtype(b.dtype)
-        merged = rule(name, b.to(cd), [t.to(cd) for t in ts])
-        if not bool(torch.isfinite(merged).all()):
+        merged = rule(name, b.to(cd), [t.to(cd) for t in ts]).to(b.dtype)
+        if not bool(torch.isfinite(merged).all()):  # after the cast: a half-precision overflow counts too
             raise MergeInputError(name, "merged tensor is not finite (check curvature and damping)")
-        out[name] = merged.to(b.dtype)
+        out[name] = merged
     return out
