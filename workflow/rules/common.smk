@@ -34,9 +34,9 @@ def notebook_parameters(params: dict) -> str:
 #: `snakemake --report report.html`: every tracked figure and table, grouped by experiment, with a caption naming
 #: the seed table or figure it reproduces and the configuration it ran (workflow/report/<experiment>/<name>.rst)
 REPORT_CATEGORIES = {
-    "data": "Data", "linear": "001: linear models", "sentiment": "001: sentiment", "toxicity": "001: toxicity",
-    "suite": "The eight-task suite (with 001 Fig. 2 left)", "mats": "002: MaTS", "dpp": "003: DPP selection",
-    "supermerge": "004: SuperMerge",
+    "data": "Data", "linear": "001 linear models", "sentiment": "001 sentiment", "toxicity": "001 toxicity",
+    "suite": "The eight-task suite (with 001 Fig. 2 left)", "mats": "002 MaTS", "dpp": "003 DPP selection",
+    "supermerge": "004 SuperMerge",
 }
 
 
