@@ -597,11 +597,17 @@ class Plan:
                          f"similarity of hidden states on {sel.examples} texts of {sel.data}")
         if self.base_curvature is not None:
             lines.append(f"base curvature H_0: {self.base_curvature if isinstance(self.base_curvature, Path) else f'{self.base_curvature:g} I'}")
+        import psutil
+
         largest = lay.largest_tensor_bytes() * 2  # merged in float32 at least
         t = len(self.models)
         peak = (t + 3) * largest * (2 if any(self.curvature_files) or any(self.curvature_data) else 1)
         if any(self.curvature_data):
-            peak = max(peak, 4 * n_params * 4)  # a model, its gradients and the running statistics, float32
+            # a model, its activation gradients and the running statistics in float32, and a batch's logits
+            # (and their gradient) when the head is a vocabulary
+            vocab = int(lay.config.get("vocab_size", 0)) if cfg.task == "causal_lm" else 0
+            peak = max(peak, 4 * n_params * 4 + 3 * 4 * cfg.batch_size * cfg.max_length * vocab)
+        peak += psutil.Process().memory_info().rss  # what this process already holds (Python, torch)
         if lay.folder is None:
             lines.append(f"note: {lay.label} is a bare .safetensors file: the output has no config or tokenizer and "
                          "does not load with from_pretrained until you add them")
