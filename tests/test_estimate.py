@@ -276,3 +276,28 @@ def test_kfac_on_every_kth_batch_is_layer_factors_of_those_batches_and_the_fishe
         torch.testing.assert_close(k.B[name], alone_k.B[name], rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="kfac_every"):
         fisher_and_kfac(model, batches, task="causal_lm", progress=False, device="cpu", kfac_every=0)
+    # sampled labels are drawn for every batch, recorded or not: the Fisher is still diagonal_fisher's
+    f, _ = fisher_and_kfac(model, batches, task="causal_lm", fisher="sampled", seed=3, progress=False, device="cpu",
+                           kfac_every=2)
+    alone_f = diagonal_fisher(model, batches, task="causal_lm", fisher="sampled", seed=3, progress=False, device="cpu")
+    for name in alone_f.f_sum:
+        torch.testing.assert_close(f.f_sum[name], alone_f.f_sum[name], rtol=1e-6, atol=0)
+
+
+def test_an_input_changed_in_place_between_two_layers_gets_its_own_input_sum():
+    class TwoReads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, input_ids, attention_mask=None):
+            x = input_ids.float()
+            a = self.first(x)
+            x.mul_(2.0)  # same tensor object, new version: the cached z z^T must not be reused
+            return torch.cat([a, self.second(x)], -1)
+
+    batch = {"input_ids": torch.arange(12).reshape(3, 4) % 5}
+    grams = layer_factors(TwoReads(), [batch], kind="gram", progress=False, device="cpu")
+    z = batch["input_ids"].float()
+    torch.testing.assert_close(grams.A["first.weight"], z.T @ z / 3)
+    torch.testing.assert_close(grams.A["second.weight"], 4 * z.T @ z / 3)

@@ -173,3 +173,8 @@ def test_a_model_above_the_perplexity_cap_is_not_generated_from_and_perplexity_i
     capped = generation_report(model, tok, texts[:5], texts[5:], **cfg, max_perplexity=0.5 * expected)
     assert not capped["scored"] and capped["generations"] == [] and capped["perplexity"] == scored["perplexity"]
     assert all(capped[k] != capped[k] for k in ("100 x avg. toxicity", "% toxic"))  # NaN: not scored
+    # an infinite perplexity is never generated from, even without a cap
+    with torch.no_grad():
+        model.model.norm.weight.fill_(1e4)
+    broken = generation_report(model, tok, texts[:5], texts[5:], **cfg)
+    assert broken["perplexity"] == float("inf") and not broken["scored"]

@@ -90,6 +90,8 @@ rule toxicity_curvature:
         f"{RESULTS}/logs/toxicity/curvature_{{lm}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/toxicity/curvature_{{lm}}.tsv"
+    params:
+        kfac_every=TOX["kfac_every"],  # a changed setting reruns the job
     threads: 1
     priority: 10  # the longest jobs, on the critical path to Eq. 13's rows: start them first
     run:
@@ -152,6 +154,8 @@ rule toxicity_evaluate:
         f"{RESULTS}/logs/toxicity/evaluate_{{variant}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/toxicity/evaluate_{{variant}}.tsv"
+    params:
+        evaluation=TOX["evaluation"],  # a changed setting (e.g. max_perplexity) reruns the rows
     threads: 1
     run:
         from modelmerge.experiments.toxicity import toxicity_variant
@@ -170,7 +174,7 @@ rule toxicity_report:
     input:
         notebook="notebooks/toxicity_removal.ipynb",
         rows=expand(f"{TOX_DIR}/eval/{{variant}}.json", variant=TOX_VARIANTS),
-        curvature=[f"{TOX_DIR}/curvature/{m}.fisher.safetensors" for m in ("base", "toxic")],
+        curvature=[f"{TOX_DIR}/curvature/{m}.{k}.safetensors" for m in ("base", "toxic") for k in ("fisher", "kfac")],
         library=LIBRARY,
     output:
         toxicity_outputs(),

@@ -144,7 +144,7 @@ class LayerHooks:
         self._param_names = {id(p): n for n, p in model.named_parameters()}  # canonical (first) names
         self.batch_size: int | None = None
         self.active = True  # False: the hooks record nothing for the next batches
-        self._last_gram: tuple | None = None  # (input tensor, its version, z^T z, rows) of the last layer input
+        self._last_gram: tuple | None = None  # (input, mask, input version, z^T z, rows) of the last layer input
         self._uses: dict[int, int] = defaultdict(int)  # parameter id -> module calls in this forward
         self._pending: dict[int, Tensor] = {}  # per-example gradients of shared parameters, summed over calls
         self._pieces: dict[int, list] = defaultdict(list)  # factored per-example gradients of shared weights
@@ -253,12 +253,14 @@ class LayerHooks:
         """(sum over token rows of z z^T, rows) of a layer input; layers fed the same tensor in one forward (the
         query, key and value projections; gate and up) share one product instead of computing it each."""
         cached = self._last_gram
-        if cached is not None and cached[0] is x and cached[1] == x._version:
-            return cached[2], cached[3]
+        if (cached is not None and cached[0] is x and cached[1] is self.token_mask and not x.is_inference()
+                and cached[2] == x._version):
+            return cached[3], cached[4]
         rows = self._masked_rows(x.detach().to(self.dtype))
-        gram = rows.T @ rows
-        self._last_gram = (x, x._version, gram, rows.shape[0])
-        return gram, rows.shape[0]
+        product = rows.T @ rows
+        if not x.is_inference():  # an inference tensor has no version counter: never cached
+            self._last_gram = (x, self.token_mask, x._version, product, rows.shape[0])
+        return product, rows.shape[0]
 
     def _saved_input(self, module: nn.Module, x: Tensor) -> Tensor:
         if isinstance(module, nn.LayerNorm):
