@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import re
 import typing
@@ -47,7 +48,6 @@ class Method:
     curvature: Literal["none", "any", "gram"] = "none"  # "any": diagonal Fisher, K-FAC or Gram files
     uses_base: bool = True  # False: the base is only where config, tokenizer and output layout come from
     solver: bool = False  # takes a ConjugateGradient (`cg_iterations` in `parameters`)
-    fallback: bool = False  # takes a fallback curvature for parameters its curvature does not cover
 
 
 METHODS: dict[str, Method] = {
@@ -57,8 +57,8 @@ METHODS: dict[str, Method] = {
     "fisher_average": Method(merge_rules.fisher_average, ("models", "fishers"), "any", uses_base=False, solver=True),
     "gradient_matching": Method(merge_rules.gradient_matching, ("base", "models", "curvatures", "base_curvature"),
                                 "any", solver=True),
-    "regmean": Method(merge_rules.regmean, ("models", "grams"), "gram", uses_base=False, fallback=True),
-    "mats": Method(merge_rules.mats, ("base", "models", "curvatures", "init"), "any", solver=True, fallback=True),
+    "regmean": Method(merge_rules.regmean, ("models", "grams"), "gram", uses_base=False),
+    "mats": Method(merge_rules.mats, ("base", "models", "curvatures", "init"), "any", solver=True),
 }
 
 
@@ -314,20 +314,11 @@ class ModelSource:
     config: dict = field(default_factory=dict)
 
     def n_parameters(self) -> int:
-        return sum(_numel(tensor_info(self.weights, k)[1]) for k in self.weights)
+        return sum(math.prod(tensor_info(self.weights, k)[1]) for k in self.weights)
 
     def largest_tensor_bytes(self) -> int:
-        return max(_numel(s) * torch.empty((), dtype=d).element_size() for d, s in map(self._info, self.weights))
-
-    def _info(self, k: str):
-        return tensor_info(self.weights, k)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+        infos = (tensor_info(self.weights, k) for k in self.weights)
+        return max(math.prod(shape) * dtype.itemsize for dtype, shape in infos)
 
 
 def _looks_like_hub_name(spec: str) -> bool:
