@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from modelmerge.io import atomic_write_text
+from modelmerge.files import atomic_write_text
 
 
 def sha256_of(path: Path) -> str:

@@ -32,6 +32,9 @@ def load_clip_vision(source: str | os.PathLike = PRETRAINED_CLIP):
     """
     from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
 
+    from modelmerge.files import check_safetensors
+
+    check_safetensors(source)
     config = AutoConfig.from_pretrained(str(source))
     if config.model_type == "clip":  # the vision config of a CLIPModel does not always carry the projection size
         vision_config = config.vision_config
@@ -133,7 +136,10 @@ def load_finetuned_vision_state(source: str | os.PathLike, pretrained_encoder: n
 
     target = pretrained_encoder.state_dict()
     raw: dict[str, Tensor] = {}
+    from modelmerge.files import read_safetensors_header
+
     for f in _checkpoint_files(source):
+        read_safetensors_header(f)  # a cut file is named here, not deep inside safetensors
         raw.update(load_file(str(f)))
     ckpt = {}
     for key, value in raw.items():

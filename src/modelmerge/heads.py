@@ -63,6 +63,9 @@ class LinearHead(nn.Module):
 
         from safetensors import safe_open
 
+        from modelmerge.files import read_safetensors_header
+
+        read_safetensors_header(path)  # a cut file is named here, not deep inside safetensors
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("kind") != "linear_head":

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from modelmerge.files import CorruptFileError, atomic_path, atomic_write_text, read_safetensors_header  # noqa: F401
 from modelmerge.statedict import MergeInputError, StateDict
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors, format description)
@@ -31,32 +30,6 @@ _TORCH_TO_ST = {
 _ST_TO_TORCH = {v: k for k, v in _TORCH_TO_ST.items()}
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is fsynced and renamed onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (readers see the old file or the new one, never half)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 class LazySafetensors(Mapping):
     """A read-only state dict backed by a safetensors file; each tensor is read when it is indexed.
 
@@ -69,10 +42,7 @@ class LazySafetensors(Mapping):
         if not self.path.is_file():
             raise FileNotFoundError(f"no safetensors file at {self.path}")
         self.device = device
-        with open(self.path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        self._data_start = 8 + n
+        header, self._data_start = read_safetensors_header(self.path)  # a cut file fails here, by name
         self._meta = header.pop("__metadata__", None) or {}
         self._header = header
         self._keys = list(header)
@@ -89,7 +59,7 @@ class LazySafetensors(Mapping):
         with open(self.path, "rb") as fh:
             fh.seek(self._data_start + begin)
             if fh.readinto(buf) != len(buf):
-                raise OSError(f"{self.path} is truncated at tensor {name!r}")
+                raise CorruptFileError(f"{self.path} is truncated at tensor {name!r}")
         return torch.frombuffer(buf, dtype=dtype).reshape(shape).to(self.device)
 
     def __iter__(self) -> Iterator[str]:

@@ -25,7 +25,10 @@ def load_sequence_classifier(path: str | os.PathLike, num_labels: int = 2):
     """(model, tokenizer) for classification from a local folder or a hub name (e.g. ``roberta-base``)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from modelmerge.files import check_safetensors
+
     path = PAPER_MODELS.get(str(path), str(path))
+    check_safetensors(path)  # a cut checkpoint is named here, not deep inside safetensors
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -34,7 +37,10 @@ def load_causal_lm(path: str | os.PathLike, gguf_file: str | None = None):
     """(model, tokenizer) of a causal LM; ``gguf_file`` dequantises a GGUF checkpoint in ``path`` to float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from modelmerge.files import check_safetensors
+
     path = PAPER_MODELS.get(str(path), str(path))
+    check_safetensors(path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)

@@ -527,6 +527,9 @@ def load_for_task(folder: Path, task: str):
     """(model, tokenizer) from a Hugging Face folder, with a causal-LM or sequence-classification head."""
     import transformers
 
+    from modelmerge.files import check_safetensors
+
+    check_safetensors(folder)
     cls = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModelForSequenceClassification
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
@@ -787,6 +790,9 @@ def hidden_states(folder: Path, texts: list[str], max_length: int, batch_size: i
     from modelmerge.curvature.estimate import default_device
     from modelmerge.train import text_batches
 
+    from modelmerge.files import check_safetensors
+
+    check_safetensors(folder)
     device = torch.device(device) if device else default_device()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:

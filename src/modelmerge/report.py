@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from modelmerge.io import atomic_path, atomic_write_text  # noqa: E402
+from modelmerge.files import atomic_path, atomic_write_text  # noqa: E402
 
 #: one look for every figure in the repository
 STYLE = {

@@ -10,6 +10,8 @@ RESULTS = config["results_dir"]
 # the library is an input of every rule: changing an algorithm reruns what depends on it
 LIBRARY = sorted(str(p) for p in Path(workflow.basedir, "src", "modelmerge").rglob("*.py"))
 FIGURES = config["figures_dir"]
+# threads of the jobs that parallelise inside (scoring many merges); fine-tuning and curvature jobs take one each
+WIDE_THREADS = config["wide_threads"]
 
 # nothing in the default and smoke runs may wait on a hub that is not there (DESIGN.md section 4)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

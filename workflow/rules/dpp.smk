@@ -26,7 +26,7 @@ rule dpp_select:
         notebook=f"{RESULTS}/logs/dpp/select.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/dpp/select.tsv"
-    threads: 2
+    threads: WIDE_THREADS
     params:
         notebook=notebook_parameters({
             "tasks": SUITE_TASKS, "suite_dir": SUITE_DIR, "data_dir": SUITE_DATA, "out_dir": f"{FIGURES}/dpp",

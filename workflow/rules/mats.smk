@@ -46,7 +46,7 @@ rule mats_inits:
         notebook=f"{RESULTS}/logs/mats/inits.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/mats/inits.tsv"
-    threads: 2
+    threads: WIDE_THREADS
     params:
         notebook=mats_parameters(lambdas=MATS["lambdas"], ties_k=MATS["ties_k"], regmean_scales=MATS["regmean_scales"]),
     retries: NOTEBOOK_RETRIES
@@ -71,7 +71,7 @@ rule mats_iterations:
         notebook=f"{RESULTS}/logs/mats/iterations.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/mats/iterations.tsv"
-    threads: 2
+    threads: WIDE_THREADS
     params:
         notebook=mats_parameters(out_dir=f"{FIGURES}/mats", long_iterations=MATS["long_iterations"],
                                  iterations=MATS["iterations"]),
@@ -95,7 +95,7 @@ rule mats_merge:
         notebook=f"{RESULTS}/logs/mats/merge.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/mats/merge.tsv"
-    threads: 2
+    threads: WIDE_THREADS
     params:
         notebook=mats_parameters(out_dir=f"{FIGURES}/mats", iterations=MATS["iterations"], gm_alphas=MATS["gm_alphas"],
                                  multitask_epochs=SUITE["multitask_train"]["epochs"]),

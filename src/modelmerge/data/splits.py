@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from modelmerge.io import atomic_path
+from modelmerge.files import atomic_path
 
 SPLITS = ("train", "validation", "test")
 

@@ -106,3 +106,18 @@ def suite_datasheet(splits: Mapping[str, Mapping[str, pd.DataFrame]], classes: M
             "majority class (test) %": round(100 * float(test.value_counts(normalize=True).max()), 1) if len(test) else float("nan"),
         })
     return pd.DataFrame(rows)
+
+
+def suite_modality(tasks: Sequence[str]) -> str:
+    """"text" for the offline suite's tasks, "image" for the paper suite's; anything else (or a mix) is an error."""
+    from modelmerge.data.vision import VISION_TASKS
+
+    if all(t in SUITE_TASKS for t in tasks):
+        return "text"
+    if all(t in VISION_TASKS for t in tasks):
+        return "image"
+    unknown = [t for t in tasks if t not in SUITE_TASKS and t not in VISION_TASKS]
+    if unknown:
+        raise KeyError(f"unknown suite task(s) {unknown}; offline tasks: {list(SUITE_TASKS)}, "
+                       f"paper tasks: {sorted(VISION_TASKS)}")
+    raise ValueError(f"tasks {list(tasks)} mix the offline (text) and the paper (image) suite")

@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from modelmerge.data.vision_classes import CLASSNAMES, TEMPLATES
 
@@ -86,6 +85,8 @@ def validation_split(
     n_val = int(n * fraction) if max_size is None else min(int(n * fraction), max_size)
     if n_val < 1 or n_val >= n:
         raise ValueError(f"cannot hold out {n_val} of {n} rows for validation")
+    import torch  # here, not at the top: the workflow reads this module's task table at parse time
+
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     return np.sort(perm[: n - n_val]), np.sort(perm[n - n_val :])
 

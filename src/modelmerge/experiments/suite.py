@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from modelmerge.data.suite import suite_modality  # noqa: F401  (re-exported: the suite's modality)
 from modelmerge.heads import EncoderClassifier, LinearHead, encode, fit_linear_probe
 from modelmerge.statedict import strip_prefix
 
@@ -29,22 +30,6 @@ MULTITASK = "multitask"
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
-
-def suite_modality(tasks: Sequence[str]) -> str:
-    """"text" for the offline suite's tasks, "image" for the paper suite's; anything else (or a mix) is an error."""
-    from modelmerge.data.suite import SUITE_TASKS
-    from modelmerge.data.vision import VISION_TASKS
-
-    if all(t in SUITE_TASKS for t in tasks):
-        return "text"
-    if all(t in VISION_TASKS for t in tasks):
-        return "image"
-    unknown = [t for t in tasks if t not in SUITE_TASKS and t not in VISION_TASKS]
-    if unknown:
-        raise KeyError(f"unknown suite task(s) {unknown}; offline tasks: {list(SUITE_TASKS)}, "
-                       f"paper tasks: {sorted(VISION_TASKS)}")
-    raise ValueError(f"tasks {list(tasks)} mix the offline (text) and the paper (image) suite")
-
 
 def vision_suite_tasks(tasks: Sequence[str], *, seed: int, validation: float, caps: Mapping[str, int]) -> tuple[dict, dict]:
     """(task -> split -> frame with encoded image bytes and label, task -> class names) from the hub (paper suite)."""
@@ -148,6 +133,9 @@ def load_encoder(folder: str | os.PathLike):
     without pooler, or a CLIP vision tower with its projection."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    from modelmerge.files import check_safetensors
+
+    check_safetensors(folder)  # a cut checkpoint is named here, not deep inside safetensors
     if AutoConfig.from_pretrained(str(folder)).model_type in ("clip", "clip_vision_model"):
         from modelmerge.clip import load_clip_vision
 

@@ -87,6 +87,11 @@ def toxicity_curvature(
             f"{time.perf_counter() - start:.1f} s on {default_device()} ({threads} threads)")
 
 
+def set_sizes(data_dir: str | os.PathLike) -> dict[str, int]:
+    """Texts in the whole generic and toxic sets (the curvature subsamples are rescaled to them)."""
+    return {s: len(pd.read_parquet(Path(data_dir) / f"{s}.parquet")) for s in ("generic", "toxic")}
+
+
 def set_curvatures(curvature_dir: str | os.PathLike, set_sizes: dict[str, int], kfac: bool = False):
     """(H_rest, H_t): F_sum of each whole set estimated from its subsample, N_set x the subsample mean; with
     ``kfac`` the linear layers get N_set x K-FAC (B (x) A is on F_avg's scale) and the rest the diagonal."""
