@@ -1,12 +1,23 @@
-"""The workflow: every configuration dry-runs, bad configurations are refused, and the smoke DAG runs end to end."""
+"""The workflow: every configuration and profile dry-runs, bad configurations are refused before any job, the smoke
+DAG runs end to end, and interrupted or corrupted runs fail cleanly and resume to the same bytes.
+
+The smoke DAG runs once per session (the `smoke` fixture, about 4.5 minutes on 2 cores); the fault tests work on its
+outputs. Every Snakemake call runs in a session of its own, so a hung run is stopped with its whole process group
+after a generous limit, and the failure names the rules that were still running.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -15,15 +26,66 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "workflow" / "config").glob("*.yaml"))
+SMOKE = yaml.safe_load((ROOT / "workflow/config/smoke.yaml").read_text())
 pytestmark = pytest.mark.workflow
 
+RUN_LIMIT_S = 1800  # the smoke DAG takes about 280 s on 2 cores: a limit far above it, for a hung run only
+DRY_RUN_LIMIT_S = 300  # a dry run takes about 3 s
 
-def snakemake(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+
+def running_rules(log: str) -> list[str]:
+    """Rules whose jobs Snakemake's log shows started and not finished."""
+    started, rule = {}, None
+    for line in log.splitlines():
+        if m := re.match(r"(?:local)?rule (\w+):$", line):
+            rule = m.group(1)
+        elif (m := re.match(r"\s+jobid: (\d+)$", line)) and rule:
+            started[m.group(1)], rule = rule, None
+        elif m := re.match(r"Finished jobid: (\d+)", line):
+            started.pop(m.group(1), None)
+    return sorted(set(started.values()))
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT as in a terminal (a non-interactive shell starts background jobs with it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_snakemake(*args: str, log: Path) -> subprocess.Popen:
+    """Snakemake in a session of its own (setsid), writing stdout and stderr to ``log``."""
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--nolock", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    with open(log, "w") as fh:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, preexec_fn=_default_sigint)
+
+
+def wait(proc: subprocess.Popen, log: Path, limit: float) -> str:
+    """Wait for ``proc``; past ``limit`` seconds kill its process group and fail naming the rules still running."""
+    try:
+        proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        out = log.read_text()
+        raise AssertionError(f"Snakemake ran past {limit:.0f} s, still running: {running_rules(out) or 'no job'}; "
+                             f"its log ends:\n{out[-3000:]}") from None
+    return log.read_text()
+
+
+def snakemake(*args: str, check: bool = True, limit: float = RUN_LIMIT_S) -> subprocess.CompletedProcess:
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"snakemake-{os.getpid()}-{time.monotonic_ns()}.log"
+    try:
+        proc = start_snakemake(*args, log=log)
+        out = wait(proc, log, limit)
+    finally:
+        log.unlink(missing_ok=True)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{out[-8000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout=out, stderr="")
+
+
+def dry_run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return snakemake("-n", *args, check=check, limit=DRY_RUN_LIMIT_S)
 
 
 def planned_jobs(output: str) -> dict[str, int]:
@@ -32,9 +94,46 @@ def planned_jobs(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
 
 
+def job_resources(output: str) -> dict[str, set[str]]:
+    """Rule -> the `resources:` lines of its jobs in a dry run's listing."""
+    found: dict[str, set[str]] = {}
+    rule = None
+    for line in output.splitlines():
+        if m := re.match(r"(?:local)?rule (\w+):$", line):
+            rule = m.group(1)
+        elif (m := re.match(r"\s+resources: (.*)$", line)) and rule:
+            found.setdefault(rule, set()).add(m.group(1))
+    return found
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file, except measured wall times and memory (table5_cost), which vary between runs."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if not p.name.startswith("table5_cost")}
+
+
+TRACKED = ("linear", "data", "sentiment", "toxicity", "suite", "mats", "dpp", "supermerge")
+
+
+def smoke_overrides(folder: Path) -> list[str]:
+    return ["--configfile", "workflow/config/smoke.yaml", "--config", f"results_dir={folder}/results",
+            f"figures_dir={folder}/figures", f"data_dir={folder}/results/data"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The whole smoke DAG, run once: its folder and the command-line overrides that point Snakemake at it."""
+    folder = tmp_path_factory.mktemp("smoke")
+    overrides = smoke_overrides(folder)
+    snakemake(*overrides)
+    return types.SimpleNamespace(dir=folder, overrides=overrides)
+
+
+# --- configurations and profiles, without running anything --------------------------------------------------------
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_configuration_dry_runs_the_whole_dag(config):
-    proc = snakemake("-n", "--forceall", "--configfile", str(config))
+    proc = dry_run("--forceall", "--configfile", str(config))
     jobs = planned_jobs(proc.stdout + proc.stderr)
     sent = yaml.safe_load(config.read_text())["sentiment"]
     targets = {tuple(sorted(s)) for s in sent["target_subsets"] if set(s) != set(sent["task_domains"])}
@@ -58,40 +157,83 @@ def test_every_configuration_dry_runs_the_whole_dag(config):
                     **sentiment, **toxicity, **suite}
 
 
+# rules whose jobs run a model (fine-tuning, curvature) and rules that never do
+MODEL_RULES = {"suite_model", "sentiment_model", "toxicity_model", "suite_curvature", "sentiment_curvature",
+               "toxicity_curvature", "mats_iterations", "supermerge_learn"}
+CPU_RULES = {"fetch_asset", "prepare_data", "linear_theorem1", "linear_mismatch", "suite_data"}
+
+
+def test_the_gpu_profile_runs_one_gpu_job_at_a_time_and_cpu_jobs_beside_it(tmp_path):
+    # the profile's limit, as Snakemake reads it when it runs a (one-job) target
+    target = f"{tmp_path}/results/data/raw/tweets/provenance.json"
+    out = snakemake(target, "--profile", "workflow/profiles/gpu", *smoke_overrides(tmp_path)).stdout
+    assert re.search(r"^Provided resources: gpu=Resource\(\"gpu\", 1\)$", out, re.M), out[:3000]
+    out = dry_run("--forceall", "--profile", "workflow/profiles/gpu", "--configfile", "workflow/config/smoke.yaml").stdout
+    resources = job_resources(out)
+    for rule in MODEL_RULES:
+        assert all(re.search(r"\bgpu=1\b", r) for r in resources[rule]), (rule, resources[rule])
+    for rule in CPU_RULES:
+        assert not any("gpu" in r for r in resources[rule]), (rule, resources[rule])
+
+
+class _Resources(dict):
+    """A job's resources as the SLURM executor reads them: .get(name) and attribute access."""
+
+    __getattr__ = dict.__getitem__
+
+
+def test_the_slurm_profile_sends_gpu_jobs_to_a_gpu_partition_with_a_gpu_request():
+    slurm = pytest.importorskip("snakemake_executor_plugin_slurm")
+    from snakemake_executor_plugin_slurm.partitions import get_best_partition, read_partition_file
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+    out = dry_run("--forceall", "--profile", "workflow/profiles/slurm", "--configfile", "workflow/config/smoke.yaml").stdout
+    partitions = read_partition_file(ROOT / profile["slurm-partition-config"])
+    logger = types.SimpleNamespace(info=lambda *a: None, debug=lambda *a: None, warning=lambda *a: None)
+    resources = job_resources(out)
+    assert MODEL_RULES | CPU_RULES <= set(resources), sorted(resources)
+    for rule in MODEL_RULES | CPU_RULES:
+        for line in resources[rule]:
+            values = dict(kv.split("=", 1) for kv in line.split(", "))
+            job = types.SimpleNamespace(name=rule, threads=1, resources=_Resources(
+                {k: int(v) if v.isdigit() else v for k, v in values.items() if "<TBD>" not in v}))
+            wants_gpu = rule in MODEL_RULES
+            assert get_best_partition(partitions, job, logger) == ("gpu" if wants_gpu else "cpu"), (rule, line)
+            assert ("--gpus=1" in set_gres_string(job)) == wants_gpu, (rule, line)
+    assert slurm.__name__  # the plugin is what CI installs with the test extra
+
+
 def test_an_unknown_suite_task_is_refused_by_name(tmp_path):
     text = (ROOT / "workflow/config/smoke.yaml").read_text().replace("drug_condition]", "drug_condition, imagenet]", 1)
     (tmp_path / "bad.yaml").write_text(text)
-    proc = snakemake("-n", "--configfile", str(tmp_path / "bad.yaml"), check=False)
+    proc = dry_run("--configfile", str(tmp_path / "bad.yaml"), check=False)
     assert proc.returncode != 0 and "imagenet" in proc.stdout + proc.stderr
 
 
 def test_an_unknown_held_out_task_is_refused_by_name(tmp_path):
-    text = (ROOT / "workflow/config/smoke.yaml").read_text().replace("held_out: [coachella, drug_condition]", "held_out: [imagenet]", 1)
+    text = (ROOT / "workflow/config/smoke.yaml").read_text().replace("held_out: [drug_condition]", "held_out: [imagenet]", 1)
     (tmp_path / "bad.yaml").write_text(text)
-    proc = snakemake("-n", "--configfile", str(tmp_path / "bad.yaml"), check=False)
+    proc = dry_run("--configfile", str(tmp_path / "bad.yaml"), check=False)
     assert proc.returncode != 0 and "supermerge.held_out" in proc.stdout + proc.stderr and "imagenet" in proc.stdout + proc.stderr
 
 
-def test_schema_refuses_a_bad_configuration(tmp_path):
-    text = (ROOT / "workflow/config/smoke.yaml").read_text().replace("delta: 0.5", "delta: -0.5", 1)
-    (tmp_path / "bad.yaml").write_text(text)
-    proc = snakemake("-n", "--configfile", str(tmp_path / "bad.yaml"), check=False)
-    assert proc.returncode != 0
-    assert "delta" in proc.stdout + proc.stderr and "validat" in (proc.stdout + proc.stderr).lower()
+@pytest.mark.parametrize("old, new, key", [
+    ("delta: 0.5", "delta: -0.5", "['linear']['theorem1']['delta']"),                  # out of range
+    ("curvature_examples: 8", "curvature_examples: eight", "['suite']['curvature_examples']"),  # wrong type
+    ("wide_threads: 1", "wide_threads: 0", "['wide_threads']"),
+], ids=["out-of-range", "wrong-type", "zero-threads"])
+def test_schema_refuses_a_bad_value_before_any_job_and_names_its_key(tmp_path, old, new, key):
+    text = (ROOT / "workflow/config/smoke.yaml").read_text()
+    assert old in text
+    (tmp_path / "bad.yaml").write_text(text.replace(old, new, 1))
+    out = dry_run("--configfile", str(tmp_path / "bad.yaml"), check=False).stdout
+    assert "validating config" in out and f"On instance{key}" in out, out[-2000:]
+    assert "Building DAG" not in out and not running_rules(out)  # refused while parsing, before any job
 
 
-def digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file, except measured wall times and memory (table5_cost), which vary between runs."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if not p.name.startswith("table5_cost")}
-
-
-def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path):
-    overrides = [
-        "--configfile", "workflow/config/smoke.yaml", "--config", f"results_dir={tmp_path}/results",
-        f"figures_dir={tmp_path}/figures", f"data_dir={tmp_path}/results/data",
-    ]
-    snakemake(*overrides)
+def test_smoke_dag_reproduces_the_theory_and_writes_every_figure(smoke):
+    tmp_path = smoke.dir
     figures = tmp_path / "figures" / "linear"
     names = {f"{stem}.{ext}" for stem in ("theorem1", "gradient_mismatch") for ext in ("png", "svg", "md", "csv")}
     assert {p.name for p in figures.iterdir()} == names
@@ -223,7 +365,7 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     table5 = pd.read_csv(sm / "table5_cost.csv").set_index("method")
     assert len(table5) == 2 and (table5["FLOPs per epoch (measured)"] > 0).all()
     flat, hier = table5.loc["SuperMerge"], table5.loc["Hierarchical SuperMerge"]
-    assert hier["trainable at once"] * 8 == flat["trainable at once"] * smoke_sm["fan_in"]
+    assert hier["trainable at once"] * len(smoke_suite["tasks"]) == flat["trainable at once"] * smoke_sm["fan_in"]
     assert hier["FLOPs per epoch (measured)"] > flat["FLOPs per epoch (measured)"]
     tree = json.loads((tmp_path / "results" / "supermerge" / "in_domain" / "hierarchical" / "learned.json").read_text())["tree"]
     n, levels = len(smoke_suite["tasks"]), []  # groups of at most fan_in models per level, each level covers every task
@@ -233,33 +375,94 @@ def test_smoke_dag_runs_reproduces_the_theory_and_is_byte_reproducible(tmp_path)
     assert [len(level) for level in tree] == levels
     assert all(sorted(t for g in level for t in g) == sorted(smoke_suite["tasks"]) for level in tree)
 
+
+def test_the_report_embeds_every_figure_with_its_caption(smoke):
     # the shareable report: every tracked figure and table embedded under its experiment, with its caption rendered
     # against the run's configuration
-    html = tmp_path / "report.html"
-    snakemake(*overrides, "--report", str(html))
+    html = smoke.dir / "report.html"
+    snakemake("--report", str(html), *smoke.overrides)
     text = html.read_text()
     for category in ("001 toxicity", "002 MaTS", "003 DPP selection", "004 SuperMerge", "The eight-task suite"):
         assert category in text
     assert "001 Table 4: toxicity and perplexity" in text
     assert re.search(r'base LM <tt class=\\?"docutils literal\\?">tiny</tt>', text)  # the smoke config, rendered
-    for stem in {p.stem for d in ("toxicity", "mats", "linear") for p in (tmp_path / "figures" / d).iterdir()}:
+    for stem in {p.stem for d in ("toxicity", "mats", "linear") for p in (smoke.dir / "figures" / d).iterdir()}:
         assert f"{stem}.csv" in text or f"{stem}.png" in text, stem
 
-    # a second run has nothing to do; rerunning the figure rules (models kept) gives identical bytes
-    tracked = ("linear", "data", "sentiment", "toxicity", "suite", "mats", "dpp", "supermerge")
-    before = {d: digest(tmp_path / "figures" / d) for d in tracked}
-    assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(snakemake(*overrides))
-    snakemake(*overrides, "--forcerun", "linear_theorem1", "linear_mismatch", "sentiment_merge",
-              "toxicity_evaluate", "toxicity_report", "suite_report", "suite_fig2", "mats_inits",
-              "mats_iterations", "mats_merge", "dpp_select", "supermerge_tables")
-    assert {d: digest(tmp_path / "figures" / d) for d in tracked} == before
+
+# --- faults: interruption, corrupt inputs -----------------------------------------------------------------------
+
+def interrupt_mid_rule(overrides: list[str], rule: str, how: signal.Signals, log: Path, *args: str) -> str:
+    # ``args`` (targets, --forcerun) go before ``overrides``: --config takes every word after it
+    """Start Snakemake, wait until ``rule``'s job has run for 3 s, send ``how`` (SIGINT to the process group, as
+    Ctrl-C does; SIGTERM to Snakemake alone, as `kill` or a scheduler does), and return the log once every process
+    of the run has stopped."""
+    proc = start_snakemake(*args, *overrides, log=log)
+    try:
+        deadline = time.monotonic() + RUN_LIMIT_S
+        while rule not in running_rules(log.read_text()):
+            assert proc.poll() is None, f"Snakemake stopped before {rule} started:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"{rule} never started:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        time.sleep(3)  # inside the job (a job takes 5 s or more: its imports alone take 2)
+        assert proc.poll() is None and rule in running_rules(log.read_text()), f"{rule} ended before the signal"
+        if how == signal.SIGINT:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, how)
+        out = wait(proc, log, 120)
+        assert proc.returncode != 0, f"an interrupted run must not report success:\n{out[-3000:]}"
+        for _ in range(100):  # Snakemake has stopped; none of its jobs may run on and write after it
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"processes of the interrupted run outlive Snakemake after {how.name}")
+        return out
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
-def test_every_tracked_figure_and_table_has_a_report_caption():
-    # `snakemake --report` shows each figure's .png and each table's .csv with workflow/report/<experiment>/<name>.rst
-    tracked = {(p.parent.name, p.stem) for p in (ROOT / "figures").glob("*/*") if p.suffix in (".png", ".csv")}
-    captions = {(p.parent.name, p.stem) for p in (ROOT / "workflow" / "report").glob("*/*.rst")}
-    assert tracked and tracked == captions
-    for experiment, stem in captions:
-        text = (ROOT / "workflow" / "report" / experiment / f"{stem}.rst").read_text()
-        assert re.search(r"\b00[1-4]\b|DESIGN.md|offline", text) and "Configuration:" in text, (experiment, stem)
+# two figure rules at the leaves of the DAG, each interrupted once: by Ctrl-C, then by SIGTERM
+INTERRUPTED = {"dpp_select": ("dpp", "select"), "supermerge_tables": ("supermerge", "tables")}
+
+
+def test_interrupted_runs_resume_to_the_same_bytes(smoke, tmp_path):
+    before = {d: digest(smoke.dir / "figures" / d) for d in TRACKED}
+    targets = [str(p) for d in ("dpp", "supermerge") for p in sorted((smoke.dir / "figures" / d).iterdir())]
+    first = interrupt_mid_rule(smoke.overrides, "dpp_select", signal.SIGINT, tmp_path / "sigint.log", *targets,
+                               "--forcerun", *INTERRUPTED)
+    second = interrupt_mid_rule(smoke.overrides, "supermerge_tables", signal.SIGTERM, tmp_path / "sigterm.log",
+                                *targets, "--forcerun", "supermerge_tables")
+    for out, rule in ((first, "dpp_select"), (second, "supermerge_tables")):
+        experiment, _ = INTERRUPTED[rule]
+        # the interrupted job's outputs are gone, not left half-written for the next run to trust
+        assert not (smoke.dir / "figures" / experiment).exists() or digest(smoke.dir / "figures" / experiment) != before[experiment] \
+            or "Removing output files" in out, out[-3000:]
+    rerun = snakemake(*smoke.overrides).stdout  # what a user types next: the plain command, no extra flags
+    assert {"dpp_select", "supermerge_tables"} <= set(re.findall(r"^(?:local)?rule (\w+):$", rerun, re.M)), rerun[-3000:]
+    assert {d: digest(smoke.dir / "figures" / d) for d in TRACKED} == before
+    assert "Nothing to be done" in dry_run(*smoke.overrides).stdout
+
+
+def test_a_truncated_checkpoint_or_curvature_file_stops_its_reader_by_name(smoke, tmp_path):
+    # on a copy of the smoke run (mtimes kept), so the other tests keep theirs
+    shutil.copytree(smoke.dir, tmp_path / "copy", symlinks=True)
+    copy = tmp_path / "copy"
+    overrides = smoke_overrides(copy)
+    suite = copy / "results" / SMOKE["suite"]["name"]
+    task = SMOKE["suite"]["tasks"][0]
+    for cut, reader, outputs in [
+        (suite / "models" / task / "model.safetensors", "suite_report", ["individual_multitask.csv"]),
+        (suite / "curvature" / task / "fisher_train.safetensors", "suite_fig2", ["fig2_left_alpha.csv"]),
+    ]:
+        cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a copy cut short: the disk filled up
+        targets = [str(copy / "figures" / SMOKE["suite"]["name"] / o) for o in outputs]
+        out = snakemake(*targets, *overrides, check=False).stdout
+        assert f"Error in rule {reader}" in out and out.count("Error in rule") == 1, out[-3000:]
+        assert "CorruptFileError" in out and f"{cut}: truncated" in out, out[-3000:]

@@ -26,6 +26,8 @@ rule dpp_select:
         notebook=f"{RESULTS}/logs/dpp/select.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/dpp/select.tsv"
+    resources:
+        gpu=1,  # scoring runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: WIDE_THREADS
     params:
         notebook=notebook_parameters({

@@ -46,6 +46,8 @@ rule mats_inits:
         notebook=f"{RESULTS}/logs/mats/inits.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/mats/inits.tsv"
+    resources:
+        gpu=1,  # merging and scoring runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: WIDE_THREADS
     params:
         notebook=mats_parameters(lambdas=MATS["lambdas"], ties_k=MATS["ties_k"], regmean_scales=MATS["regmean_scales"]),
@@ -71,6 +73,8 @@ rule mats_iterations:
         notebook=f"{RESULTS}/logs/mats/iterations.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/mats/iterations.tsv"
+    resources:
+        gpu=1,  # CG solves and scoring runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: WIDE_THREADS
     params:
         notebook=mats_parameters(out_dir=f"{FIGURES}/mats", long_iterations=MATS["long_iterations"],
@@ -95,6 +99,8 @@ rule mats_merge:
         notebook=f"{RESULTS}/logs/mats/merge.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/mats/merge.tsv"
+    resources:
+        gpu=1,  # CG solves and scoring runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: WIDE_THREADS
     params:
         notebook=mats_parameters(out_dir=f"{FIGURES}/mats", iterations=MATS["iterations"], gm_alphas=MATS["gm_alphas"],

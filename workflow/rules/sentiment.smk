@@ -92,6 +92,8 @@ rule sentiment_model:
         notebook=f"{RESULTS}/logs/sentiment/model_{{name}}.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/sentiment/model_{{name}}.tsv"
+    resources:
+        gpu=1,  # fine-tuning runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: 1
     params:
         notebook=sentiment_model_parameters,
@@ -112,6 +114,8 @@ rule sentiment_curvature:
         f"{RESULTS}/logs/sentiment/curvature_{{merged}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/sentiment/curvature_{{merged}}.tsv"
+    resources:
+        gpu=1,  # curvature estimation runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: 1
     params:
         function="modelmerge.experiments.sentiment:sentiment_curvature",

@@ -99,6 +99,8 @@ rule suite_pretrained:
         f"{RESULTS}/logs/{SUITE_NAME}/pretrained.log",
     benchmark:
         f"{RESULTS}/benchmarks/{SUITE_NAME}/pretrained.tsv"
+    resources:
+        gpu=1,  # encoding the probes' features runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: WIDE_THREADS
     params:
         source=SUITE["pretrained"],
@@ -126,6 +128,8 @@ rule suite_model:
         notebook=f"{RESULTS}/logs/{SUITE_NAME}/model_{{suite_model}}.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/{SUITE_NAME}/model_{{suite_model}}.tsv"
+    resources:
+        gpu=1,  # fine-tuning runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: 1
     params:
         notebook=lambda wc: notebook_parameters({
@@ -153,6 +157,8 @@ rule suite_curvature:
         f"{RESULTS}/logs/{SUITE_NAME}/curvature_{{suite_task}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/{SUITE_NAME}/curvature_{{suite_task}}.tsv"
+    resources:
+        gpu=1,  # curvature estimation runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: 1
     params:
         function="modelmerge.experiments.suite:suite_curvature",
@@ -178,6 +184,8 @@ rule suite_report:
         notebook=f"{RESULTS}/logs/{SUITE_NAME}/report.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/{SUITE_NAME}/report.tsv"
+    resources:
+        gpu=1,  # scoring runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: WIDE_THREADS
     params:
         notebook=notebook_parameters({

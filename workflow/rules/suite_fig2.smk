@@ -20,6 +20,8 @@ rule suite_fig2:
         notebook=f"{RESULTS}/logs/{SUITE_NAME}/fig2.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/{SUITE_NAME}/fig2.tsv"
+    resources:
+        gpu=1,  # merging and scoring runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: WIDE_THREADS
     params:
         notebook=notebook_parameters({

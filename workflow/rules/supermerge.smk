@@ -53,6 +53,8 @@ rule supermerge_learn:
         f"{RESULTS}/logs/supermerge/learn_{{sm_setting}}_{{sm_method}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/supermerge/learn_{{sm_setting}}_{{sm_method}}.tsv"
+    resources:
+        gpu=1,  # learning the merge runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: WIDE_THREADS
     params:
         tasks=lambda wc: " ".join(SM_SETTINGS[wc.sm_setting]),
@@ -83,6 +85,8 @@ rule supermerge_tables:
         notebook=f"{RESULTS}/logs/supermerge/tables.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/supermerge/tables.tsv"
+    resources:
+        gpu=1,  # scoring runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: WIDE_THREADS
     params:
         notebook=notebook_parameters({

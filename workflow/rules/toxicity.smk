@@ -47,6 +47,8 @@ rule toxicity_model:
         notebook=f"{RESULTS}/logs/toxicity/model_toxic.ipynb",
     benchmark:
         f"{RESULTS}/benchmarks/toxicity/model_toxic.tsv"
+    resources:
+        gpu=1,  # fine-tuning runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: 1
     params:
         notebook=notebook_parameters({
@@ -80,6 +82,8 @@ rule toxicity_curvature:
         f"{RESULTS}/logs/toxicity/curvature_{{lm}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/toxicity/curvature_{{lm}}.tsv"
+    resources:
+        gpu=1,  # curvature estimation runs on the GPU when there is one (workflow/profiles/gpu, slurm)
     threads: 1
     priority: 10  # the longest jobs, on the critical path to Eq. 13's rows: start them first
     params:
