@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -165,3 +166,58 @@ def test_integer_buffers_are_copied_and_must_agree(models):
     assert torch.equal(merged["ids"], ids)
     with pytest.raises(MergeInputError, match="'ids'.*differs"):
         task_arithmetic({**base, "ids": ids}, [{**t, "ids": ids + 1} for t in tasks])
+
+
+def _cut(path, size):
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def test_a_damaged_file_is_refused_by_name_before_any_tensor_is_read(tmp_path, models):
+    import json
+    import struct
+
+    from modelmerge.files import CorruptFileError, check_safetensors
+    from modelmerge.heads import LinearHead
+    from modelmerge.io import LazySafetensors
+
+    base, _ = models
+    good = tmp_path / "good.safetensors"
+    save_state_dict(base, good)
+    (n,) = struct.unpack("<Q", good.read_bytes()[:8])
+    size = good.stat().st_size
+    data = size - 8 - n  # the tensors' bytes: the header's largest end offset
+    assert data == max(v["data_offsets"][1] for k, v in json.loads(good.read_bytes()[8:8 + n]).items()
+                       if k != "__metadata__")
+    cases = {  # name -> (how the file is damaged, what the message says)
+        "tensors cut": (lambda p: _cut(p, size - 1), f"truncated ({size - 1} bytes, its header describes {size})"),
+        "header cut": (lambda p: _cut(p, 8 + n // 2), "truncated inside its header"),
+        "too short": (lambda p: _cut(p, 5), "5 bytes, too short"),
+        "appended": (lambda p: p.write_bytes(p.read_bytes() + b"\0"), "longer than its header says"),
+        "not json": (lambda p: p.write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{[" + b"\0" * 8), "header is not JSON"),
+    }
+    for name, (damage, message) in cases.items():
+        bad = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+        bad.write_bytes(good.read_bytes())
+        damage(bad)
+        for read in (LazySafetensors, load_state_dict, check_safetensors, lambda p: check_safetensors(p.parent)):
+            with pytest.raises(CorruptFileError, match=re.escape(str(bad)) + ".*" + re.escape(message)):
+                read(bad)
+        bad.unlink()  # the folder check reads every file in the folder
+    head = tmp_path / "heads" / "task.safetensors"
+    LinearHead(torch.ones(2, 3), torch.zeros(2), 1.0, ["a", "b"]).save(head)
+    _cut(head, head.stat().st_size - 4)
+    with pytest.raises(CorruptFileError, match="task.safetensors: truncated"):
+        LinearHead.load(head)
+    assert load_state_dict(good).keys() == base.keys()  # an intact file still reads
+
+
+def test_what_the_workflow_imports_while_parsing_does_not_import_torch():
+    # Snakemake parses the workflow in every run and dry run: the helpers it imports stay light (a speed guard,
+    # stated as the imports it implies, not as a time)
+    import subprocess
+    import sys
+
+    code = ("import sys, modelmerge, modelmerge.data.suite, modelmerge.experiments.sentiment, modelmerge.files; "
+            "heavy = sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules); "
+            "assert not heavy, heavy; from modelmerge import average; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
