@@ -158,7 +158,7 @@ def test_every_configuration_dry_runs_the_whole_dag(config):
              "supermerge_learn": 7 + len(yaml.safe_load(config.read_text())["supermerge"]["adamerging_extra_lrs"]),
              "supermerge_tables": 1}
     assets = 4 if config.stem == "default" else 2  # the default run also fetches MiniLM and SmolLM2
-    assert jobs == {"all": 1, "fetch_asset": assets, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1,
+    assert jobs == {"all": 1, "library_digest": 1, "fetch_asset": assets, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1,
                     **sentiment, **toxicity, **suite}
 
 

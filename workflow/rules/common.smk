@@ -7,8 +7,11 @@ from pathlib import Path
 import yaml
 
 RESULTS = config["results_dir"]
-# the library is an input of every rule: changing an algorithm reruns what depends on it
-LIBRARY = sorted(str(p) for p in Path(workflow.basedir, "src", "modelmerge").rglob("*.py"))
+# the library is an input of every rule: changing an algorithm reruns what depends on it. Rules depend on one file,
+# the digest of the library's sources (rule library_digest), not on its ~50 files each: Snakemake then tracks one
+# input per job instead of fifty, which keeps its own bookkeeping per job (and every dry run) small
+LIBRARY_FILES = sorted(str(p) for p in Path(workflow.basedir, "src", "modelmerge").rglob("*.py"))
+LIBRARY = f"{RESULTS}/library.sha256"
 FIGURES = config["figures_dir"]
 # threads of the jobs that parallelise inside (scoring many merges); fine-tuning and curvature jobs take one each
 WIDE_THREADS = config["wide_threads"]
@@ -59,3 +62,14 @@ def table_files(experiment: str, name: str) -> list[str]:
     """The tracked files of one table (the .csv is shown in the report)."""
     return [f"{FIGURES}/{experiment}/{name}.md",
             reported(f"{FIGURES}/{experiment}/{name}.csv", experiment, name, "tables")]
+
+
+rule library_digest:
+    """sha256 of every source file of the library: the one input through which library changes rerun the rules."""
+    input:
+        LIBRARY_FILES,
+    output:
+        LIBRARY,
+    localrule: True
+    shell:
+        "sha256sum {input:q} > {output:q}"
