@@ -397,6 +397,18 @@ def test_the_report_embeds_every_figure_with_its_caption(smoke):
 
 # --- faults: interruption, corrupt inputs -----------------------------------------------------------------------
 
+def assert_group_gone(pgid: int, when: str, within: float = 10) -> None:
+    """Every process of the run's session has exited within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"processes of the run outlive Snakemake {when}"
+        time.sleep(0.1)
+
+
 def interrupt_mid_rule(overrides: list[str], rule: str, how: signal.Signals, log: Path, *args: str) -> str:
     # ``args`` (targets, --forcerun) go before ``overrides``: --config takes every word after it
     """Start Snakemake, wait until ``rule``'s job has run for 3 s, send ``how`` (SIGINT to the process group, as
@@ -417,14 +429,7 @@ def interrupt_mid_rule(overrides: list[str], rule: str, how: signal.Signals, log
             os.kill(proc.pid, how)
         out = wait(proc, log, 120)
         assert proc.returncode != 0, f"an interrupted run must not report success:\n{out[-3000:]}"
-        for _ in range(100):  # Snakemake has stopped; none of its jobs may run on and write after it
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError(f"processes of the interrupted run outlive Snakemake after {how.name}")
+        assert_group_gone(proc.pid, f"after {how.name}")  # none of its jobs may run on and write after it
         return out
     finally:
         try:
@@ -454,6 +459,23 @@ def test_interrupted_runs_resume_to_the_same_bytes(smoke, tmp_path):
     assert "dpp_select" not in started_rules(rerun)  # SIGTERM let it finish
     assert {d: digest(smoke.dir / "figures" / d) for d in TRACKED} == before
     assert "Nothing to be done" in dry_run(*smoke.overrides).stdout
+
+
+def test_a_run_past_its_limit_is_stopped_whole_and_the_failure_names_the_running_rule(tmp_path):
+    # the limit the other tests use is generous; here a run is held to half a second once its job has started
+    log = tmp_path / "hung.log"
+    target = tmp_path / "figures" / "linear" / "theorem1.csv"
+    proc = start_snakemake(str(target), *smoke_overrides(tmp_path), log=log)
+    try:
+        while "linear_theorem1" not in running_rules(log.read_text()):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        with pytest.raises(AssertionError, match=r"ran past 0 s, still running: \['linear_theorem1'\]"):
+            wait(proc, log, 0.5)
+        assert_group_gone(proc.pid, "after the limit")  # Snakemake, papermill and the kernel: none runs on
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_a_truncated_checkpoint_or_curvature_file_stops_its_reader_by_name(smoke, tmp_path):
