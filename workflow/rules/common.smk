@@ -71,5 +71,5 @@ rule library_digest:
     output:
         LIBRARY,
     localrule: True
-    shell:
-        "sha256sum {input:q} > {output:q}"
+    script:
+        "../scripts/library_digest.py"
