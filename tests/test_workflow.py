@@ -188,7 +188,7 @@ class _Resources(dict):
 
 
 def test_the_slurm_profile_sends_gpu_jobs_to_a_gpu_partition_with_a_gpu_request():
-    slurm = pytest.importorskip("snakemake_executor_plugin_slurm")
+    # the plugin is in the test extra: a missing install fails here rather than skipping
     from snakemake_executor_plugin_slurm.partitions import get_best_partition, read_partition_file
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
@@ -206,7 +206,6 @@ def test_the_slurm_profile_sends_gpu_jobs_to_a_gpu_partition_with_a_gpu_request(
             wants_gpu = rule in MODEL_RULES
             assert get_best_partition(partitions, job, logger) == ("gpu" if wants_gpu else "cpu"), (rule, line)
             assert ("--gpus=1" in set_gres_string(job)) == wants_gpu, (rule, line)
-    assert slurm.__name__  # the plugin is what CI installs with the test extra
 
 
 def test_an_unknown_suite_task_is_refused_by_name(tmp_path):

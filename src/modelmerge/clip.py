@@ -134,10 +134,10 @@ def load_finetuned_vision_state(source: str | os.PathLike, pretrained_encoder: n
     """
     from safetensors.torch import load_file
 
-    target = pretrained_encoder.state_dict()
-    raw: dict[str, Tensor] = {}
     from modelmerge.files import read_safetensors_header
 
+    target = pretrained_encoder.state_dict()
+    raw: dict[str, Tensor] = {}
     for f in _checkpoint_files(source):
         read_safetensors_header(f)  # a cut file is named here, not deep inside safetensors
         raw.update(load_file(str(f)))

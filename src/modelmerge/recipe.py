@@ -788,9 +788,8 @@ def hidden_states(folder: Path, texts: list[str], max_length: int, batch_size: i
     import transformers
 
     from modelmerge.curvature.estimate import default_device
-    from modelmerge.train import text_batches
-
     from modelmerge.files import check_safetensors
+    from modelmerge.train import text_batches
 
     check_safetensors(folder)
     device = torch.device(device) if device else default_device()

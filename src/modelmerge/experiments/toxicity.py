@@ -87,7 +87,7 @@ def toxicity_curvature(
             f"{time.perf_counter() - start:.1f} s on {default_device()} ({threads} threads)")
 
 
-def set_sizes(data_dir: str | os.PathLike) -> dict[str, int]:
+def texts_per_set(data_dir: str | os.PathLike) -> dict[str, int]:
     """Texts in the whole generic and toxic sets (the curvature subsamples are rescaled to them)."""
     return {s: len(pd.read_parquet(Path(data_dir) / f"{s}.parquet")) for s in ("generic", "toxic")}
 
