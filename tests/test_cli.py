@@ -129,14 +129,16 @@ def test_curvature_command_files_reused_by_fisher_averaging_and_regmean_with_the
         torch.testing.assert_close(merged[k], expected[k], rtol=1e-5, atol=1e-6)
 
 
-def test_gradient_matching_with_kfac_estimated_on_the_fly_is_the_library_cg_solve(folders, tmp_path):
+@pytest.mark.parametrize("preconditioner", ["none", "kronecker"])
+def test_gradient_matching_with_kfac_estimated_on_the_fly_is_the_library_cg_solve(folders, tmp_path, preconditioner):
     from modelmerge.curvature import Scalar, WithFallback
     from modelmerge.curvature.estimate import DiagonalFisher, LayerFactors, fisher_and_kfac
     from modelmerge.io import load_state_dict
     from modelmerge.merge import gradient_matching
     from modelmerge.solve import ConjugateGradient
 
-    recipe = {"method": "gradient_matching", "base": "base", "parameters": {"alphas": [1.0, 0.5], "cg_iterations": 30},
+    recipe = {"method": "gradient_matching", "base": "base", "parameters": {"alphas": [1.0, 0.5], "cg_iterations": 30,
+                                                                        "cg_preconditioner": preconditioner},
               "curvature": {"kind": "kfac", "base": "1e-3", "max_length": 16},  # "1e-3": how YAML reads 1e-3
               "models": [{"model": m, "data": f"{m}.csv"} for m in ("math", "code")]}
     (folders / "gm.yaml").write_text(yaml.safe_dump(recipe))
@@ -150,7 +152,7 @@ def test_gradient_matching_with_kfac_estimated_on_the_fly_is_the_library_cg_solv
     models = [load_state_dict(folders / m / "model.safetensors") for m in ("math", "code")]
     base = load_state_dict(folders / "base" / "model.safetensors")
     expected = gradient_matching(base, models, specs, Scalar(1e-3), alphas=[1.0, 0.5],
-                                 solver=ConjugateGradient(max_iter=30))
+                                 solver=ConjugateGradient(max_iter=30, preconditioner=preconditioner))
     merged = load_state_dict(out / "model.safetensors")
     for k in base:
         torch.testing.assert_close(merged[k], expected[k], rtol=1e-5, atol=1e-6)
@@ -231,7 +233,7 @@ def test_every_bad_input_is_refused_by_name_and_leaves_nothing(folders, tmp_path
 def test_recipe_parameters_are_the_library_signatures():
     # the CLI cannot drift from the library: each method's parameters are its function's keyword arguments
     assert set(method_parameters("ties")) == {"k", "lam", "scope"}
-    assert set(method_parameters("gradient_matching")) == {"alphas", "delta", "cg_iterations"}
+    assert set(method_parameters("gradient_matching")) == {"alphas", "delta", "cg_iterations", "cg_preconditioner"}
     assert set(method_parameters("regmean")) == {"offdiag_scale"}
     assert method_parameters("ties")["k"][1] == 0.2  # the library's default
     for name in METHODS:

@@ -55,13 +55,27 @@ def flops_mats_regmean(M: int, p: int, T: int, layers: Sequence[tuple[int, int]]
                            + iterations * (d * d * k + 12 * d * k) for d, k in layers)
 
 
-def flops_mats_kfac(M: int, p: int, T: int, layers: Sequence[tuple[int, int]], iterations: int) -> float:
+def flops_mats_kfac(M: int, p: int, T: int, layers: Sequence[tuple[int, int]], iterations: int,
+                    preconditioned: bool = False) -> float:
     """MaTS with the K-FAC objective (not costed in 002; same accounting): gradients (3 M p T), factors
-    (M T (d^2 + k^2)), b = sum_m B_m W_m A_m (M (d^2 k + d k^2) + (M - 1) d k) and per iteration the M Kronecker
-    products, their sum and 12 vector operations: I (M (d^2 k + d k^2) + (M - 1) d k + 12 d k)."""
+    (M T (d^2 + k^2)), b = sum_m B_m W_m A_m (M (d^2 k + d k^2) + (M - 1) d k), then ``flops_kfac_cg``."""
     per_product = sum(d * d * k + d * k * k for d, k in layers)
     return (3 * M * p * T + sum(M * T * (d * d + k * k) + (M - 1) * d * k for d, k in layers) + M * per_product
-            + iterations * (M * per_product + sum((M - 1) * d * k + 12 * d * k for d, k in layers)))
+            + flops_kfac_cg(M, layers, iterations, preconditioned))
+
+
+def flops_kfac_cg(M: int, layers: Sequence[tuple[int, int]], iterations: int, preconditioned: bool = False) -> float:
+    """I CG iterations on sum_m B_m (x) A_m: per iteration the M Kronecker products, their sum and 12 vector
+    operations, I (M (d^2 k + d k^2) + (M - 1) d k + 12 d k). Preconditioned (``SumCurvature.preconditioner``):
+    once, the factor sums (M - 1)(d^2 + k^2) and their eigendecompositions 9 (d^3 + k^3) (Golub & Van Loan's count
+    for a symmetric eigensolver with vectors, a bound); per iteration four products into and out of the eigenbases
+    2 (d^2 k + d k^2), the eigenvalue scaling d k and 3 more vector operations (z and r^T z): I (2 (d^2 k + d k^2)
+    + 4 d k)."""
+    total = iterations * sum(M * (d * d * k + d * k * k) + (M - 1) * d * k + 12 * d * k for d, k in layers)
+    if preconditioned:
+        total += sum((M - 1) * (d * d + k * k) + 9 * (d**3 + k**3) for d, k in layers)
+        total += iterations * sum(2 * (d * d * k + d * k * k) + 4 * d * k for d, k in layers)
+    return total
 
 
 def flops_training(p: int, tokens: int) -> float:

@@ -47,7 +47,7 @@ class Method:
     filled: tuple[str, ...]  # arguments built from the recipe's models and curvature, not from `parameters`
     curvature: Literal["none", "any", "gram"] = "none"  # "any": diagonal Fisher, K-FAC or Gram files
     uses_base: bool = True  # False: the base is only where config, tokenizer and output layout come from
-    solver: bool = False  # takes a ConjugateGradient (`cg_iterations` in `parameters`)
+    solver: bool = False  # takes a ConjugateGradient (`cg_iterations`, `cg_preconditioner` in `parameters`)
 
 
 METHODS: dict[str, Method] = {
@@ -74,6 +74,8 @@ def method_parameters(name: str) -> dict[str, tuple[Any, Any]]:
         fields[p.name] = (hints[p.name], default)
     if method.solver:
         fields["cg_iterations"] = (PositiveInt, 100)
+        # "kronecker": preconditioned CG with a Kronecker-factored approximate inverse (beyond 002; same solution)
+        fields["cg_preconditioner"] = (Literal["none", "kronecker"], "none")
     return fields
 
 
@@ -746,8 +748,9 @@ def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: s
         kwargs: dict[str, Any] = {}
         params = plan.params.model_dump()
         iterations = params.pop("cg_iterations", None)
+        preconditioner = params.pop("cg_preconditioner", "none")
         if method.solver:
-            kwargs["solver"] = ConjugateGradient(max_iter=iterations)
+            kwargs["solver"] = ConjugateGradient(max_iter=iterations, preconditioner=preconditioner)
         if "base" in method.filled:
             kwargs["base"] = plan.base.weights
         kwargs["models"] = [weights[i] for i in chosen]

@@ -1,95 +1,158 @@
-"""Conjugate gradients for H x = b with H given only through products (002 Sec. 4, App. B)."""
+"""Conjugate gradients for H x = b with H given only through products (002 Sec. 4, App. B), made robust to the
+scale and the rounding of small float32 systems, with an optional preconditioner (beyond 002).
+
+Numerics (why each step is there):
+
+* **Scale.** Each solve divides H and b by alpha = 2^round(log2 ||H v|| / ||v||), a power of two (exact in
+  floating point), so that a Fisher whose entries are 1e-5 or 1e-25 runs the same arithmetic: the iterates do not
+  depend on the overall scale of the system, and products of tiny vectors with tiny curvature do not underflow.
+* **Scalars in float64.** The step, the recurrence's ratio and the stopping test are Python floats (float64); the
+  inner products are BLAS reductions in the vectors' dtype (a float64 copy of every vector would cost more than
+  the products), which the rescaling keeps far from float32's underflow.
+* **A stop at the rounding floor.** Once ||r_k|| <= eps (||b|| + ||H|| ||x_k||) (eps: the vectors' machine epsilon,
+  ||H|| the largest Rayleigh quotient seen) the iterate solves the system as well as its precision can represent:
+  further iterations only fit rounding noise, whose steps p^T H p underflow and whose directions are no longer
+  conjugate, so the plain recurrence can blow up (002 Fig. 3 at 200 iterations did). The solve stops there and
+  keeps x_k for every larger budget: the iteration budget stays the one hyperparameter, and more iterations never
+  leave a worse iterate.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
+#: preconditioners the solver knows: none (002's plain CG) or the curvature's own approximate inverse, which for a
+#: sum of K-FACs is Kronecker-factored (see ``modelmerge.curvature.base.SumCurvature.preconditioner``)
+PRECONDITIONERS = ("none", "kronecker")
+
+
+class Operator(Protocol):
+    """What the solver needs of a curvature: products, and (preconditioned) an approximate inverse."""
+
+    def mv(self, x: Tensor) -> Tensor: ...
+
+    def preconditioner(self) -> Callable[[Tensor], Tensor] | None: ...
+
 
 def _dot(a: Tensor, b: Tensor) -> float:
-    """<a, b> over every entry (one BLAS dot, no temporary)."""
+    """<a, b> over every entry: one BLAS reduction in the vectors' dtype, returned as a Python (float64) scalar."""
     return float(torch.dot(a.reshape(-1), b.reshape(-1)))
+
+
+def _norm64(a: Tensor) -> float:
+    """||a|| in float64 (the unscaled vectors' norms, which a float32 reduction could overflow or underflow)."""
+    return float(torch.linalg.vector_norm(a.reshape(-1), dtype=torch.float64))
+
+
+def _power_of_two(x: float) -> float:
+    """2^round(log2 x) for finite x > 0, else 1: a rescaling that floating point applies exactly."""
+    return 2.0 ** round(math.log2(x)) if x > 0 and math.isfinite(x) else 1.0
 
 
 @dataclass
 class ConjugateGradient:
-    """Conjugate gradients on tensors of any shape, with a fixed iteration budget.
+    """(Preconditioned) conjugate gradients on tensors of any shape, with a fixed iteration budget.
 
-    ``tol`` stops early once ||b - H x|| <= tol ||b|| (0 runs the whole budget, as MaTS does).
-    ``history[name]`` keeps the relative residuals ||b - H x_k|| / ||b|| for k = 0, 1, ... of every solve and
-    ``rhs_norm[name]`` its ||b||. ``keep`` lists iteration counts k whose iterate x_k is stored in
-    ``iterates[name][k]``, so one solve of ``max_iter`` iterations yields every shorter budget too (a solve that
-    stops early stores its final x for the remaining k: more iterations would not move it). A solve whose step or
-    residual stops being finite (p^T H p underflows after the residual reached rounding level) stops there, keeps
-    its last finite iterate, and records the iteration in ``breakdown[name]``. With ``keep_best``,
-    ``best_iterates[name][k]`` also holds the iterate of smallest residual among x_0..x_k (a safeguarded CG that
-    returns its best iterate; the plain iterates are unchanged).
+    ``tol`` stops early once ||b - H x|| <= tol ||b|| (0 runs the whole budget, as MaTS does); a solve also stops
+    once its residual reaches the rounding floor of its dtype (``converged[name]`` records the iteration), where
+    more iterations could only fit noise. ``preconditioner="kronecker"`` runs PCG with the curvature's
+    approximate inverse (``Curvature.preconditioner``: exact for closed forms, Kronecker-factored for sums of
+    K-FACs) when the solve is given the curvature (``solve``), not just its product.
+    ``history[name]`` keeps the relative residuals ||b - H x_k|| / ||b|| for k = 0, 1, ... of every solve (the
+    recurrence's residual) and ``rhs_norm[name]`` its ||b||. ``keep`` lists iteration counts k whose iterate x_k
+    is stored in ``iterates[name][k]``, so one solve of ``max_iter`` iterations yields every shorter budget too (a
+    solve that stops early stores its final x for the remaining k). ``breakdown[name]`` records a solve that met a
+    non-finite step and stopped at its last finite iterate (the tests assert it does not happen).
     """
 
     max_iter: int = 100
     tol: float = 0.0
     keep: tuple[int, ...] = ()
-    keep_best: bool = False
+    preconditioner: Literal["none", "kronecker"] = "none"
     history: dict[str, list[float]] = field(default_factory=dict)
     rhs_norm: dict[str, float] = field(default_factory=dict)
     iterates: dict[str, dict[int, Tensor]] = field(default_factory=dict)
+    converged: dict[str, int] = field(default_factory=dict)
     breakdown: dict[str, int] = field(default_factory=dict)
-    best_iterates: dict[str, dict[int, Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.keep = tuple(sorted(set(int(k) for k in self.keep)))
         if self.keep and (self.keep[0] < 0 or self.keep[-1] > self.max_iter):
             raise ValueError(f"keep must lie in [0, max_iter = {self.max_iter}], got {self.keep}")
+        if self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {self.preconditioner!r}")
 
-    def __call__(self, mv: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None, name: str = "?") -> Tensor:
-        """argmin_x 1/2 x^T H x - b^T x, i.e. H x = b, from x0 (zeros by default)."""
+    def solve(self, h: Operator, b: Tensor, x0: Tensor | None = None, name: str = "?") -> Tensor:
+        """H^-1 b from x0 for a curvature H: plain CG, or PCG with ``h.preconditioner()`` when configured."""
+        precondition = h.preconditioner() if self.preconditioner != "none" else None
+        return self(h.mv, b, x0, name, precondition)
+
+    def __call__(self, mv: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None, name: str = "?",
+                 precondition: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """argmin_x 1/2 x^T H x - b^T x, i.e. H x = b, from x0 (zeros by default); ``precondition(r)`` ~ H^-1 r."""
         x = torch.zeros_like(b) if x0 is None else x0.clone()
-        r = b - mv(x) if x0 is not None else b.clone()
-        b_norm = float(b.norm()) or 1.0
+        b_norm = _norm64(b)
+        start = x0 is not None and bool(x.any())
+        probe = x if start else b
+        h_probe = mv(probe)
+        probe_norm = _norm64(probe)
+        rayleigh = _norm64(h_probe) / probe_norm if probe_norm > 0 else 0.0
+        # alpha ~ ||H||, a power of two: the solve runs on H / alpha and b / alpha (the same x, rescaled exactly)
+        alpha = _power_of_two(rayleigh)
+        h_norm = rayleigh / alpha  # ||H / alpha||, raised to the largest Rayleigh quotient p^T H p / p^T p seen
+        r = (b - h_probe) / alpha if start else b / alpha
+        del h_probe
+        eps = torch.finfo(b.dtype).eps
+        b_hat = b_norm / alpha
         rs = _dot(r, r)
-        hist = [math.sqrt(rs) / b_norm]
+        hist = [math.sqrt(rs) / (b_hat or 1.0)]
         kept: dict[int, Tensor] = {0: x.clone()} if 0 in self.keep else {}
-        best_x, best_res, kept_best = x, hist[0], {}
-        if 0 in self.keep:
-            kept_best[0] = kept[0]
-        p = r.clone()
+        z = r if precondition is None else alpha * precondition(r)
+        rz = rs if precondition is None else _dot(r, z)
+        p = z.clone()
         for it in range(1, self.max_iter + 1):
             if hist[-1] <= self.tol or rs == 0.0:
                 break
-            hp = mv(p)
-            curvature = _dot(p, hp)
-            if not curvature > 0:  # p lies in the null space of a semi-definite H: nothing left to fit
+            if math.sqrt(rs) <= eps * (b_hat + h_norm * math.sqrt(_dot(x, x))):
+                self.converged[name] = it - 1  # at the rounding floor: more steps would only fit noise
                 break
-            step = rs / curvature
-            r_new = torch.add(r, hp, alpha=-step)
-            rs_new = _dot(r_new, r_new)
-            if not (math.isfinite(step) and math.isfinite(rs_new)):
-                # breakdown in finite precision (p^T H p underflowed): keep the last finite iterate
+            hp = mv(p)
+            hp = hp / alpha if hp is p else hp.div_(alpha)
+            pp, curvature = _dot(p, p), _dot(p, hp)
+            if not curvature > 0:  # p lies in the null space of a semi-definite H: nothing left to fit
+                self.converged[name] = it - 1
+                break
+            h_norm = max(h_norm, curvature / pp)
+            step = rz / curvature
+            if not math.isfinite(step):
                 self.breakdown[name] = it
                 break
-            x = torch.add(x, p, alpha=step)  # a new tensor: kept and best iterates are never overwritten
-            r = r_new
-            hist.append(math.sqrt(rs_new) / b_norm)
-            p = torch.add(r, p, alpha=rs_new / rs)
-            rs = rs_new
-            if hist[-1] < best_res:
-                best_x, best_res = x, hist[-1]
+            x.add_(p, alpha=step)
+            r.add_(hp, alpha=-step)
+            del hp
+            rs = _dot(r, r)
+            hist.append(math.sqrt(rs) / (b_hat or 1.0))
+            if precondition is None:
+                z, rz_new = r, rs
+            else:
+                z = alpha * precondition(r)
+                rz_new = _dot(r, z)
+            p.mul_(rz_new / rz).add_(z)
+            rz = rz_new
             if it in self.keep:
                 kept[it] = x.clone()
-                kept_best[it] = best_x if best_x is not x else kept[it]
         for k in self.keep:
             kept.setdefault(k, x)
-            kept_best.setdefault(k, best_x)
         self.history[name] = hist
-        self.rhs_norm[name] = float(b.norm())
+        self.rhs_norm[name] = b_norm
         if self.keep:
             self.iterates[name] = kept
-            if self.keep_best:
-                self.best_iterates[name] = kept_best
         return x
 
 

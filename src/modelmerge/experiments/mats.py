@@ -101,21 +101,19 @@ class Solve:
     states: dict[int, State]
     residual: list[float]
     cost: Measurement
-    best_states: dict[int, State] = field(default_factory=dict)  # the smallest-residual iterate up to k (keep_best)
     solver: ConjugateGradient | None = None
 
 
 def solve_mats(base: StateDict, models: Sequence[StateDict], obj: Objective, init: StateDict,
-               iterations: Sequence[int], keep_best: bool = False) -> Solve:
+               iterations: Sequence[int], preconditioner: str = "none") -> Solve:
     """MaTS from ``init`` on ``obj``, run once for max(iterations) and read at every budget in ``iterations``
-    (``keep_best``: also the smallest-residual iterate of every parameter up to each budget)."""
-    solver = ConjugateGradient(max_iter=max(iterations), tol=0.0, keep=tuple(iterations), keep_best=keep_best)
+    (``preconditioner="kronecker"``: preconditioned CG, beyond 002)."""
+    solver = ConjugateGradient(max_iter=max(iterations), tol=0.0, keep=tuple(iterations), preconditioner=preconditioner)
     with measure() as cost:
         final = mats(base, models, obj.curvatures, init=init, fallback=obj.fallback, solver=solver)
-    best = _states(final, solver, iterations, solver.best_iterates) if keep_best else {}
     states = _states(final, solver, iterations)
-    solver.iterates, solver.best_iterates = {}, {}
-    return Solve(states, total_relative_residual(solver), cost, best, solver)
+    solver.iterates = {}
+    return Solve(states, total_relative_residual(solver), cost, solver)
 
 
 def solve_gradient_matching(base: StateDict, models: Sequence[StateDict], curvatures: Sequence[CurvatureSpec],
@@ -130,16 +128,9 @@ def solve_gradient_matching(base: StateDict, models: Sequence[StateDict], curvat
     return Solve(states, total_relative_residual(solver), cost)
 
 
-def _states(final: Mapping[str, Tensor], solver: ConjugateGradient, iterations: Sequence[int],
-            kept: Mapping[str, Mapping[int, Tensor]] | None = None) -> dict[int, State]:
-    kept = solver.iterates if kept is None else kept
+def _states(final: Mapping[str, Tensor], solver: ConjugateGradient, iterations: Sequence[int]) -> dict[int, State]:
+    kept = solver.iterates
     return {k: {n: (kept[n][k] if n in kept else final[n]) for n in final} for k in iterations}
-
-
-def regrown_blocks(solver: ConjugateGradient, factor: float = 100.0) -> list[str]:
-    """Parameters whose final residual is ``factor`` times above the smallest it reached: solves that went on past
-    convergence and lost it in finite precision."""
-    return [n for n, h in solver.history.items() if len(h) > 1 and h[-1] > factor * max(min(h), 1e-300)]
 
 
 def relative_change(a: Mapping[str, Tensor], b: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> float:

@@ -29,7 +29,9 @@ def mats(
     products C_m x are formed. Parameters a mapping does not cover use ``fallback`` (identity = averaging by
     default; pass diagonal Fishers for the diagonal Fisher rule). CG starts from ``init`` (any merged state
     dict) or, by default, from task arithmetic theta_0 + init_alpha sum_m tau_m, and runs ``solver.max_iter``
-    iterations (100, no early stop, by default: MaTS's only hyperparameter). ``solver.history`` then holds the
+    iterations (100, no early stop, by default: MaTS's only hyperparameter; a parameter whose solve reaches its
+    rounding floor stops there). ``ConjugateGradient(preconditioner="kronecker")`` runs preconditioned CG instead
+    (beyond 002; a Kronecker-factored approximate inverse of sum_m B_m (x) A_m). ``solver.history`` then holds the
     relative residual ||b - A theta_k|| / ||b|| of every parameter at every iteration.
     """
     if len(curvatures) != len(models):
@@ -46,7 +48,7 @@ def mats(
         A = linear_combination([1.0] * n, cs)
         b = sum(c.mv(t) for c, t in zip(cs, thetas))
         x0 = tensors[n] if init is not None else theta0 + init_alpha * sum(t - theta0 for t in thetas)
-        return solver(A.mv, b, x0, name)
+        return solver.solve(A, b, x0, name)
 
     return merge_parameters(base, inputs, rule, out=out, desc="MaTS (conjugate gradients)")
 
