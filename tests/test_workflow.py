@@ -20,6 +20,7 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -130,7 +131,7 @@ def smoke(tmp_path_factory):
     reuse = os.environ.get("MODELMERGE_SMOKE_DIR")
     folder = Path(reuse).resolve() if reuse else tmp_path_factory.mktemp("smoke")
     overrides = smoke_overrides(folder)
-    snakemake(*overrides)
+    snakemake("all", "mats_full", *overrides)  # the default DAG and the target outside it
     return types.SimpleNamespace(dir=folder, overrides=overrides)
 
 
@@ -317,12 +318,18 @@ def test_smoke_dag_reproduces_the_theory_and_writes_every_figure(smoke):
     assert len(grid) == 20 and set(grid["iterations"]) <= set(smoke_mats["iterations"])
     averaging = grid[grid["objective"] == "average"]
     assert averaging["Avg."].nunique() == 1
-    curve = pd.read_csv(mats / "fig3_cg_iterations.csv")
-    for _, solve in curve.groupby("objective"):
-        assert set(solve["iterations"]) == set(smoke_mats["long_iterations"]) | set(smoke_mats["iterations"])
+    for suffix, plain, pcg in (("", "long_iterations", "pcg_iterations"), ("_full", "full_long_iterations", "full_pcg_iterations")):
+        curve = pd.read_csv(mats / f"fig3_cg_iterations{suffix}.csv")
+        for (_, solver), solve in curve.groupby(["objective", "solver"]):
+            budgets = set(smoke_mats[pcg]) if solver == "preconditioned CG" else set(smoke_mats[plain]) | set(smoke_mats["iterations"])
+            assert set(solve["iterations"]) == budgets
+            assert (np.diff(solve.sort_values("iterations")["objective value"]) <= 1e-9 * solve["objective value"].abs().max()).all()
+        assert set(curve["solver"]) == {"plain CG", "preconditioned CG"}
+        assert len(pd.read_csv(mats / f"fig3_preconditioned{suffix}.csv")) == 2
     table1 = set(pd.read_csv(mats / "table1_multitask.csv")["method"])
     assert {"MaTS (TA init., RegMean objective)", "Gradient matching, K-FAC by CG (001 + 002)"} <= table1
-    assert len(pd.read_csv(mats / "table4_fisher.csv")) == 6
+    assert len(pd.read_csv(mats / "table4_fisher.csv")) == 4 and len(pd.read_csv(mats / "table4_fisher_full.csv")) == 6
+    assert len(pd.read_csv(mats / "second_round.csv")) == 3
 
     # DPP: every DPP size up to the kernel's rank, Table 1's two rows per method with unseen tasks scored, the
     # random subsets of the chosen size, exact sample frequencies, Table 2 on every perturbation
@@ -384,7 +391,7 @@ def test_the_report_embeds_every_figure_with_its_caption(smoke):
     # the shareable report: every tracked figure and table embedded under its experiment, with its caption rendered
     # against the run's configuration
     html = smoke.dir / "report.html"
-    snakemake("--report", str(html), *smoke.overrides)
+    snakemake("all", "mats_full", "--report", str(html), *smoke.overrides)  # mats_full: its files are in figures/ too
     text = html.read_text()
     for category in ("001 toxicity", "002 MaTS", "003 DPP selection", "004 SuperMerge", "The eight-task suite"):
         assert category in text

@@ -68,14 +68,18 @@ class ConjugateGradient:
     recurrence's residual) and ``rhs_norm[name]`` its ||b||. ``keep`` lists iteration counts k whose iterate x_k
     is stored in ``iterates[name][k]``, so one solve of ``max_iter`` iterations yields every shorter budget too (a
     solve that stops early stores its final x for the remaining k). ``breakdown[name]`` records a solve that met a
-    non-finite step and stopped at its last finite iterate (the tests assert it does not happen).
+    non-finite step and stopped at its last finite iterate (the tests assert it does not happen). With
+    ``track_objective``, ``objective[name][k]`` is 1/2 x_k^T H x_k - b^T x_k = -1/2 x_k^T (b + r_k) at every
+    iteration (two more inner products per iteration, no product with H), so an objective curve needs no kept iterates.
     """
 
     max_iter: int = 100
     tol: float = 0.0
     keep: tuple[int, ...] = ()
     preconditioner: Literal["none", "kronecker"] = "none"
+    track_objective: bool = False
     history: dict[str, list[float]] = field(default_factory=dict)
+    objective: dict[str, list[float]] = field(default_factory=dict)
     rhs_norm: dict[str, float] = field(default_factory=dict)
     iterates: dict[str, dict[int, Tensor]] = field(default_factory=dict)
     converged: dict[str, int] = field(default_factory=dict)
@@ -113,6 +117,14 @@ class ConjugateGradient:
         rs = _dot(r, r)
         hist = [math.sqrt(rs) / (b_hat or 1.0)]
         kept: dict[int, Tensor] = {0: x.clone()} if 0 in self.keep else {}
+        b_scaled = b / alpha if self.track_objective else None
+        quadratic = [] if self.track_objective else None
+
+        def track() -> None:
+            if quadratic is not None:  # -1/2 x^T (b + r) in the unscaled system: alpha x (b / alpha + r / alpha)
+                quadratic.append(-0.5 * alpha * (_dot(x, b_scaled) + _dot(x, r)))
+
+        track()
         z = r if precondition is None else alpha * precondition(r)
         rz = rs if precondition is None else _dot(r, z)
         p = z.clone()
@@ -138,6 +150,7 @@ class ConjugateGradient:
             del hp
             rs = _dot(r, r)
             hist.append(math.sqrt(rs) / (b_hat or 1.0))
+            track()
             if precondition is None:
                 z, rz_new = r, rs
             else:
@@ -151,6 +164,8 @@ class ConjugateGradient:
             kept.setdefault(k, x)
         self.history[name] = hist
         self.rhs_norm[name] = b_norm
+        if quadratic is not None:
+            self.objective[name] = quadratic
         if self.keep:
             self.iterates[name] = kept
         return x

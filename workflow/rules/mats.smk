@@ -1,6 +1,7 @@
-# Experiment on the suite: MaTS, merging in task parameter subspaces (002 Sec. 6). Three rules: the initialisations
-# (tuned on validation data and saved), the long CG solves of Fig. 3 (whose first 100 iterations are two grid cells),
-# and everything else (Fig. 2 grid, Tables 1, 3, 4, 5, the second round). Target: `snakemake --cores 2 mats`.
+# Experiment on the suite: MaTS, merging in task parameter subspaces (002 Sec. 6). Three rules in the default run
+# (target `mats`): the initialisations (tuned on validation data and saved), the CG solves of Fig. 3 to 100 iterations
+# (two grid cells) with the preconditioned solve, and everything else (Fig. 2 grid, Tables 1, 3, 4, 5). Target
+# `mats_full` adds the rest of 002's scope: Fig. 3 to 1,000 iterations, Table 4's K-FAC rows, the second round.
 MATS = config["mats"]
 MATS_DIR = f"{RESULTS}/mats"
 MATS_INITS = ["average", "task_arithmetic", "ties", "diagonal_fisher_merging", "regmean"]
@@ -11,8 +12,16 @@ def mats_outputs() -> list[str]:
     return [
         *figure_files("mats", "fig2_init_objective"), *table_files("mats", "fig2_init_objective"),
         *figure_files("mats", "fig3_cg_iterations"), *table_files("mats", "fig3_cg_iterations"),
-        *[f for t in ("table1_multitask", "table3_flops", "table4_fisher", "table5_cost", "regmean_objective",
-                      "second_round") for f in table_files("mats", t)],
+        *[f for t in ("fig3_preconditioned", "table1_multitask", "table3_flops", "table4_fisher", "table5_cost",
+                      "regmean_objective") for f in table_files("mats", t)],
+    ]
+
+
+def mats_full_outputs() -> list[str]:
+    """What target mats_full adds: Fig. 3 to 1,000 iterations, Table 4 with every K-FAC row, the second round."""
+    return [
+        *figure_files("mats", "fig3_cg_iterations_full"), *table_files("mats", "fig3_cg_iterations_full"),
+        *[f for t in ("fig3_preconditioned_full", "table4_fisher_full", "second_round") for f in table_files("mats", t)],
     ]
 
 
@@ -57,7 +66,7 @@ rule mats_inits:
 
 
 rule mats_iterations:
-    """Fig. 3: long CG solves from task arithmetic on the K-FAC and RegMean objectives, kept at every budget."""
+    """Fig. 3: CG solves from task arithmetic on the K-FAC and RegMean objectives and the preconditioned K-FAC solve."""
     input:
         notebook="notebooks/mats_iterations.ipynb",
         **MATS_SUITE_INPUTS,
@@ -67,7 +76,9 @@ rule mats_iterations:
     output:
         figure_files("mats", "fig3_cg_iterations"),
         table_files("mats", "fig3_cg_iterations"),
+        pcg=table_files("mats", "fig3_preconditioned"),
         curve=f"{MATS_DIR}/iterations.csv",
+        curves=f"{MATS_DIR}/curves.csv",
         states=[f"{MATS_DIR}/from_task_arithmetic_{o}.safetensors" for o in ("regmean", "block_diagonal_fisher")],
     log:
         notebook=f"{RESULTS}/logs/mats/iterations.ipynb",
@@ -78,23 +89,54 @@ rule mats_iterations:
     threads: WIDE_THREADS
     params:
         notebook=mats_parameters(out_dir=f"{FIGURES}/mats", long_iterations=MATS["long_iterations"],
-                                 iterations=MATS["iterations"]),
+                                 pcg_iterations=MATS["pcg_iterations"], iterations=MATS["iterations"]),
+    retries: NOTEBOOK_RETRIES
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
+
+
+rule mats_iterations_full:
+    """mats_full: Fig. 3 to 1,000 plain-CG iterations (002's) beside the preconditioned solve, into files of its own."""
+    input:
+        notebook="notebooks/mats_iterations.ipynb",
+        **MATS_SUITE_INPUTS,
+        inits=rules.mats_inits.output.inits,
+        baselines=rules.mats_inits.output.baselines,
+        library=LIBRARY,
+    output:
+        figure_files("mats", "fig3_cg_iterations_full"),
+        table_files("mats", "fig3_cg_iterations_full"),
+        table_files("mats", "fig3_preconditioned_full"),
+        curve=f"{MATS_DIR}/iterations_full.csv",
+        curves=f"{MATS_DIR}/curves_full.csv",
+    log:
+        notebook=f"{RESULTS}/logs/mats/iterations_full.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/mats/iterations_full.tsv"
+    resources:
+        gpu=1,
+    threads: WIDE_THREADS
+    params:
+        notebook=mats_parameters(out_dir=f"{FIGURES}/mats", long_iterations=MATS["full_long_iterations"],
+                                 pcg_iterations=MATS["full_pcg_iterations"], iterations=MATS["iterations"],
+                                 suffix="_full"),
     retries: NOTEBOOK_RETRIES
     shell:
         "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
 
 
 rule mats_merge:
-    """Fig. 2 (init x objective), Table 1, Table 4, the second round, RegMean's objective, Tables 3 and 5."""
+    """Fig. 2 (init x objective), Table 1, Table 4's diagonal rows, RegMean's objective, Tables 3 and 5."""
     input:
         notebook="notebooks/mats.ipynb",
         **MATS_SUITE_INPUTS,
         inits=rules.mats_inits.output,
         curve=rules.mats_iterations.output.curve,
+        pcg=rules.mats_iterations.output.pcg,
         states=rules.mats_iterations.output.states,
         library=LIBRARY,
     output:
-        [f for f in mats_outputs() if "fig3_cg_iterations" not in f],
+        [f for f in mats_outputs() if "fig3_" not in f],
     log:
         notebook=f"{RESULTS}/logs/mats/merge.ipynb",
     benchmark:
@@ -114,3 +156,36 @@ rule mats:
     """Every figure and table of the MaTS experiment."""
     input:
         mats_outputs(),
+
+
+rule mats_extra:
+    """mats_full: Table 4's block-diagonal rows for the training and sampled Fishers, and 002 Sec. 6.7's second round."""
+    input:
+        notebook="notebooks/mats_full.ipynb",
+        **MATS_SUITE_INPUTS,
+        inits=rules.mats_inits.output.inits,
+        grid=table_files("mats", "fig2_init_objective"),
+        table4=table_files("mats", "table4_fisher"),
+        state=f"{MATS_DIR}/from_task_arithmetic_regmean.safetensors",
+        library=LIBRARY,
+    output:
+        [f for t in ("table4_fisher_full", "second_round") for f in table_files("mats", t)],
+    log:
+        notebook=f"{RESULTS}/logs/mats/full.ipynb",
+    benchmark:
+        f"{RESULTS}/benchmarks/mats/full.tsv"
+    resources:
+        gpu=1,
+    threads: WIDE_THREADS
+    params:
+        notebook=mats_parameters(out_dir=f"{FIGURES}/mats", iterations=MATS["iterations"]),
+    retries: NOTEBOOK_RETRIES
+    shell:
+        "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"
+
+
+rule mats_full:
+    """The whole of 002's scope on the suite: the default figures and Fig. 3 to 1,000 iterations, Table 4, round 2."""
+    input:
+        mats_outputs(),
+        mats_full_outputs(),

@@ -105,15 +105,37 @@ class Solve:
 
 
 def solve_mats(base: StateDict, models: Sequence[StateDict], obj: Objective, init: StateDict,
-               iterations: Sequence[int], preconditioner: str = "none") -> Solve:
+               iterations: Sequence[int], preconditioner: str = "none", track_objective: bool = False) -> Solve:
     """MaTS from ``init`` on ``obj``, run once for max(iterations) and read at every budget in ``iterations``
-    (``preconditioner="kronecker"``: preconditioned CG, beyond 002)."""
-    solver = ConjugateGradient(max_iter=max(iterations), tol=0.0, keep=tuple(iterations), preconditioner=preconditioner)
+    (``preconditioner="kronecker"``: preconditioned CG, beyond 002; ``track_objective``: the quadratic of every
+    parameter at every iteration, for ``objective_curve``)."""
+    solver = ConjugateGradient(max_iter=max(iterations), tol=0.0, keep=tuple(iterations), preconditioner=preconditioner,
+                               track_objective=track_objective)
     with measure() as cost:
         final = mats(base, models, obj.curvatures, init=init, fallback=obj.fallback, solver=solver)
     states = _states(final, solver, iterations)
     solver.iterates = {}
     return Solve(states, total_relative_residual(solver), cost, solver)
+
+
+def objective_curve(solver: ConjugateGradient, start_value: float) -> list[float]:
+    """The merge objective sum_m 1/2 (theta_k - theta_m)^T C_m (theta_k - theta_m) after k = 0, 1, ... iterations.
+
+    It equals sum over parameters of q_k = 1/2 x_k^T A x_k - b^T x_k (tracked by the solver) plus a constant,
+    fixed by ``start_value``, the objective of the initialisation (``merge_objective``); a parameter whose solve
+    stopped early keeps its last value.
+    """
+    names = list(solver.objective)
+    if not names:
+        return [start_value]
+    length = max(len(solver.objective[n]) for n in names)
+    totals = [sum(solver.objective[n][min(k, len(solver.objective[n]) - 1)] for n in names) for k in range(length)]
+    return [start_value + t - totals[0] for t in totals]
+
+
+def first_reaching(curve: Sequence[float], target: float) -> int | None:
+    """The first k with curve[k] <= target (None if it never does)."""
+    return next((k for k, v in enumerate(curve) if v <= target), None)
 
 
 def solve_gradient_matching(base: StateDict, models: Sequence[StateDict], curvatures: Sequence[CurvatureSpec],
