@@ -69,8 +69,9 @@ class ConjugateGradient:
     is stored in ``iterates[name][k]``, so one solve of ``max_iter`` iterations yields every shorter budget too (a
     solve that stops early stores its final x for the remaining k). ``breakdown[name]`` records a solve that met a
     non-finite step and stopped at its last finite iterate (the tests assert it does not happen). With
-    ``track_objective``, ``objective[name][k]`` is 1/2 x_k^T H x_k - b^T x_k = -1/2 x_k^T (b + r_k) at every
-    iteration (two more inner products per iteration, no product with H), so an objective curve needs no kept iterates.
+    ``track_objective``, ``objective[name][k]`` is f(x_k) - f(x_0), f(x) = 1/2 x^T H x - b^T x, summed from each
+    step's exact change -step p^T r_k + step^2 p^T H p / 2 (one more inner product per iteration, no product with H,
+    and no cancellation against f's large constant part), so an objective curve needs no kept iterates.
     """
 
     max_iter: int = 100
@@ -117,14 +118,7 @@ class ConjugateGradient:
         rs = _dot(r, r)
         hist = [math.sqrt(rs) / (b_hat or 1.0)]
         kept: dict[int, Tensor] = {0: x.clone()} if 0 in self.keep else {}
-        b_scaled = b / alpha if self.track_objective else None
-        quadratic = [] if self.track_objective else None
-
-        def track() -> None:
-            if quadratic is not None:  # -1/2 x^T (b + r) in the unscaled system: alpha x (b / alpha + r / alpha)
-                quadratic.append(-0.5 * alpha * (_dot(x, b_scaled) + _dot(x, r)))
-
-        track()
+        change = [0.0] if self.track_objective else None
         z = r if precondition is None else alpha * precondition(r)
         rz = rs if precondition is None else _dot(r, z)
         p = z.clone()
@@ -145,12 +139,13 @@ class ConjugateGradient:
             if not math.isfinite(step):
                 self.breakdown[name] = it
                 break
+            if change is not None:  # f(x + step p) - f(x) in the unscaled system (alpha x the scaled one's)
+                change.append(change[-1] + alpha * step * (0.5 * step * curvature - _dot(p, r)))
             x.add_(p, alpha=step)
             r.add_(hp, alpha=-step)
             del hp
             rs = _dot(r, r)
             hist.append(math.sqrt(rs) / (b_hat or 1.0))
-            track()
             if precondition is None:
                 z, rz_new = r, rs
             else:
@@ -164,8 +159,8 @@ class ConjugateGradient:
             kept.setdefault(k, x)
         self.history[name] = hist
         self.rhs_norm[name] = b_norm
-        if quadratic is not None:
-            self.objective[name] = quadratic
+        if change is not None:
+            self.objective[name] = change
         if self.keep:
             self.iterates[name] = kept
         return x

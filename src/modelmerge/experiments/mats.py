@@ -119,18 +119,13 @@ def solve_mats(base: StateDict, models: Sequence[StateDict], obj: Objective, ini
 
 
 def objective_curve(solver: ConjugateGradient, start_value: float) -> list[float]:
-    """The merge objective sum_m 1/2 (theta_k - theta_m)^T C_m (theta_k - theta_m) after k = 0, 1, ... iterations.
-
-    It equals sum over parameters of q_k = 1/2 x_k^T A x_k - b^T x_k (tracked by the solver) plus a constant,
-    fixed by ``start_value``, the objective of the initialisation (``merge_objective``); a parameter whose solve
-    stopped early keeps its last value.
-    """
+    """The merge objective sum_m 1/2 (theta_k - theta_m)^T C_m (theta_k - theta_m) after k = 0, 1, ... iterations:
+    ``start_value`` (the initialisation's, ``merge_objective``) plus every parameter's change f(x_k) - f(x_0) tracked
+    by the solver (``track_objective``); a parameter whose solve stopped early keeps its last value."""
     names = list(solver.objective)
-    if not names:
-        return [start_value]
-    length = max(len(solver.objective[n]) for n in names)
-    totals = [sum(solver.objective[n][min(k, len(solver.objective[n]) - 1)] for n in names) for k in range(length)]
-    return [start_value + t - totals[0] for t in totals]
+    length = max((len(solver.objective[n]) for n in names), default=1)
+    return [start_value + sum(solver.objective[n][min(k, len(solver.objective[n]) - 1)] for n in names)
+            for k in range(length)]
 
 
 def first_reaching(curve: Sequence[float], target: float) -> int | None:
