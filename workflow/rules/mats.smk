@@ -1,7 +1,8 @@
 # Experiment on the suite: MaTS, merging in task parameter subspaces (002 Sec. 6). Three rules in the default run
-# (target `mats`): the initialisations (tuned on validation data and saved), the CG solves of Fig. 3 to 100 iterations
-# (two grid cells) with the preconditioned solve, and everything else (Fig. 2 grid, Tables 1, 3, 4, 5). Target
-# `mats_full` adds the rest of 002's scope: Fig. 3 to 1,000 iterations, Table 4's K-FAC rows, the second round.
+# (target `mats`, 25 minutes on 2 cores): the initialisations (tuned on validation data and saved), the CG solves of
+# Fig. 3 to 100 iterations (Fig. 2's task-arithmetic cells) with the preconditioned solve, and Tables 1, 3, 4
+# (diagonal rows), 5. Target `mats_full` adds the rest of 002's scope: Fig. 2's whole grid, Fig. 3 to 1,000
+# iterations, Table 4's K-FAC rows, the second round.
 MATS = config["mats"]
 MATS_DIR = f"{RESULTS}/mats"
 MATS_INITS = ["average", "task_arithmetic", "ties", "diagonal_fisher_merging", "regmean"]
@@ -10,7 +11,6 @@ MATS_INITS = ["average", "task_arithmetic", "ties", "diagonal_fisher_merging", "
 def mats_outputs() -> list[str]:
     """The tracked figures and tables of the experiment."""
     return [
-        *figure_files("mats", "fig2_init_objective"), *table_files("mats", "fig2_init_objective"),
         *figure_files("mats", "fig3_cg_iterations"), *table_files("mats", "fig3_cg_iterations"),
         *[f for t in ("fig3_preconditioned", "table1_multitask", "table3_flops", "table4_fisher", "table5_cost",
                       "regmean_objective") for f in table_files("mats", t)],
@@ -18,8 +18,9 @@ def mats_outputs() -> list[str]:
 
 
 def mats_full_outputs() -> list[str]:
-    """What target mats_full adds: Fig. 3 to 1,000 iterations, Table 4 with every K-FAC row, the second round."""
+    """What target mats_full adds: Fig. 2's grid, Fig. 3 to 1,000 iterations, Table 4 with every K-FAC row, round 2."""
     return [
+        *figure_files("mats", "fig2_init_objective"), *table_files("mats", "fig2_init_objective"),
         *figure_files("mats", "fig3_cg_iterations_full"), *table_files("mats", "fig3_cg_iterations_full"),
         *[f for t in ("fig3_preconditioned_full", "table4_fisher_full", "second_round") for f in table_files("mats", t)],
     ]
@@ -126,7 +127,7 @@ rule mats_iterations_full:
 
 
 rule mats_merge:
-    """Fig. 2 (init x objective), Table 1, Table 4's diagonal rows, RegMean's objective, Tables 3 and 5."""
+    """Table 1, Table 4's diagonal rows, RegMean's objective, Tables 3 and 5."""
     input:
         notebook="notebooks/mats.ipynb",
         **MATS_SUITE_INPUTS,
@@ -159,17 +160,19 @@ rule mats:
 
 
 rule mats_extra:
-    """mats_full: Table 4's block-diagonal rows for the training and sampled Fishers, and 002 Sec. 6.7's second round."""
+    """mats_full: Fig. 2's grid, Table 4's block-diagonal rows for every Fisher, and 002 Sec. 6.7's second round."""
     input:
         notebook="notebooks/mats_full.ipynb",
         **MATS_SUITE_INPUTS,
         inits=rules.mats_inits.output.inits,
-        grid=table_files("mats", "fig2_init_objective"),
+        baselines=rules.mats_inits.output.baselines,
+        curve=rules.mats_iterations.output.curve,
         table4=table_files("mats", "table4_fisher"),
         state=f"{MATS_DIR}/from_task_arithmetic_regmean.safetensors",
         library=LIBRARY,
     output:
-        [f for t in ("table4_fisher_full", "second_round") for f in table_files("mats", t)],
+        figure_files("mats", "fig2_init_objective"),
+        [f for t in ("fig2_init_objective", "table4_fisher_full", "second_round") for f in table_files("mats", t)],
     log:
         notebook=f"{RESULTS}/logs/mats/full.ipynb",
     benchmark:
