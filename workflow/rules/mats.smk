@@ -50,6 +50,7 @@ rule mats_inits:
     output:
         inits=[f"{MATS_DIR}/inits/{name}.safetensors" for name in MATS_INITS],
         baselines=f"{MATS_DIR}/baselines.csv",
+        test_logits=f"{MATS_DIR}/test_logits.safetensors",
         tuning=f"{MATS_DIR}/tuning.csv",
         precision=f"{MATS_DIR}/precision.json",
     log:

@@ -379,11 +379,25 @@ class SuiteEvaluator:
         self.batches = {s: {t: batches_of(self.tokenizer, f, batch_size, max_length) for t, f in fr.items()}
                         for s, fr in self.frames.items()}
         self.labels = {s: {t: f["label"].to_numpy() for t, f in fr.items()} for s, fr in self.frames.items()}
+        # scoring runs on batches of texts ordered by token count (a third less padding than by characters), and
+        # ``logits`` puts every row back in the frame's order
+        self._scoring, self._inverse = {}, {}
+        for s, fr in self.frames.items():
+            for t, f in fr.items():
+                order = np.arange(len(f))
+                if "text" in f.columns:
+                    ids = self.tokenizer(f["text"].tolist(), truncation=True, max_length=max_length)["input_ids"]
+                    order = np.argsort([len(i) for i in ids], kind="stable")
+                self._scoring.setdefault(s, {})[t] = (batches_of(self.tokenizer, f.iloc[order], batch_size, max_length)
+                                                      if "text" in f.columns else self.batches[s][t])
+                self._inverse.setdefault(s, {})[t] = torch.from_numpy(np.argsort(order, kind="stable"))
 
     def logits(self, state: Mapping[str, Tensor], split: str = "test", bf16: bool = False) -> dict[str, Tensor]:
-        """task -> logits of the encoder ``state`` with that task's head (``bf16``: under bfloat16 autocast)."""
+        """task -> logits of the encoder ``state`` with that task's head, rows in the frame's order (``bf16``: under
+        bfloat16 autocast)."""
         self.model.load_encoder_state(state)
-        return split_logits(self.model, self.batches[split], bf16=bf16)
+        out = split_logits(self.model, self._scoring[split], bf16=bf16)
+        return {t: out[t][self._inverse[split][t]] for t in out}
 
     def accuracy(self, state: Mapping[str, Tensor], split: str = "test", bf16: bool = False) -> dict[str, float]:
         """task -> accuracy, and their mean under "Avg."."""
