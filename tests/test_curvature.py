@@ -67,3 +67,22 @@ def test_bad_curvature_raises_naming_the_parameter(param, spec, problem):
 
 def test_identity_is_scalar_one(param):
     torch.testing.assert_close(Identity().to_dense(param), torch.eye(6, dtype=torch.float64))
+
+
+def test_a_checked_factor_changed_in_place_is_checked_again():
+    """A factor that passed the PSD check once is not re-checked on every read, but an in-place change is."""
+    from modelmerge.curvature import KFAC
+
+    w = torch.zeros(3, 4, dtype=torch.float64)
+    A, B = torch.eye(4, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    h = KFAC(A, B)
+    curvature_for({"w": h}, "w", w)
+    curvature_for({"w": h}, "w", w)  # cached: still valid
+    A[0, 1] = 5.0  # now asymmetric
+    with pytest.raises(MergeInputError, match="not symmetric"):
+        curvature_for({"w": h}, "w", w)
+    A[1, 0] = 5.0  # symmetric again
+    curvature_for({"w": h}, "w", w)
+    A[2, 2] = -1.0
+    with pytest.raises(MergeInputError, match="negative diagonal"):
+        curvature_for({"w": h}, "w", w)

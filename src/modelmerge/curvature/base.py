@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from modelmerge.solve import ConjugateGradient
 from modelmerge.statedict import MergeInputError
@@ -228,8 +229,22 @@ class Dense(Curvature):
         return None
 
 
+#: matrices that passed ``_check_psd``: tensor -> (its in-place version counter, whether the full check ran). A
+#: factor read by every merge-objective evaluation is checked once, not on every read (an in-place change of the
+#: tensor bumps its version and brings the check back).
+_PSD_CHECKED = WeakIdKeyDictionary()
+
+
 def _check_psd(name: str, m: Tensor, what: str, full: bool) -> None:
     """Symmetric, finite, and (``full``) no negative eigenvalue or (cheap) no negative diagonal entry."""
+    seen = _PSD_CHECKED.get(m)
+    if seen is not None and seen[0] == m._version and (seen[1] or not full):
+        return
+    _check_psd_now(name, m, what, full)
+    _PSD_CHECKED[m] = (m._version, full)
+
+
+def _check_psd_now(name: str, m: Tensor, what: str, full: bool) -> None:
     _check_finite(name, m, what)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise MergeInputError(name, f"{what} must be a square matrix, got {tuple(m.shape)}")
