@@ -65,12 +65,13 @@ def flops_mats_kfac(M: int, p: int, T: int, layers: Sequence[tuple[int, int]], i
 
 
 def flops_kfac_cg(M: int, layers: Sequence[tuple[int, int]], iterations: int, preconditioned: bool = False) -> float:
-    """I CG iterations on sum_m B_m (x) A_m: per iteration the M Kronecker products, their sum and 12 vector
-    operations, I (M (d^2 k + d k^2) + (M - 1) d k + 12 d k). Preconditioned (``SumCurvature.preconditioner``):
-    once, the factor sums (M - 1)(d^2 + k^2) and their eigendecompositions 9 (d^3 + k^3) (Golub & Van Loan's count
-    for a symmetric eigensolver with vectors, a bound); per iteration four products into and out of the eigenbases
-    2 (d^2 k + d k^2), the eigenvalue scaling d k and 3 more vector operations (z and r^T z): I (2 (d^2 k + d k^2)
-    + 4 d k)."""
+    """I CG iterations on sum_m B_m (x) A_m: per iteration the M Kronecker products, their sum and at most 12 vector
+    operations (the rescaling of H p, five inner products, three updates, with room to spare), I (M (d^2 k + d k^2) +
+    (M - 1) d k + 12 d k). Preconditioned (``SumCurvature.preconditioner``): once, the factor sums (M - 1)(d^2 + k^2)
+    and their eigendecompositions 9 (d^3 + k^3) (Golub & Van Loan's count for a symmetric eigensolver with vectors,
+    in flops that count a multiply and an add apiece, so about twice 002's multiply-add unit: an upper bound that
+    disfavours PCG); per iteration four products into and out of the eigenbases 2 (d^2 k + d k^2), the eigenvalue
+    scaling d k and 3 more vector operations (z and r^T z): I (2 (d^2 k + d k^2) + 4 d k)."""
     total = iterations * sum(M * (d * d * k + d * k * k) + (M - 1) * d * k + 12 * d * k for d, k in layers)
     if preconditioned:
         total += sum((M - 1) * (d * d + k * k) + 9 * (d**3 + k**3) for d, k in layers)

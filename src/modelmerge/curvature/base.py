@@ -231,12 +231,16 @@ class Dense(Curvature):
 
 #: matrices that passed ``_check_psd``: tensor -> (its in-place version counter, whether the full check ran). A
 #: factor read by every merge-objective evaluation is checked once, not on every read (an in-place change of the
-#: tensor bumps its version and brings the check back).
+#: tensor or of a view of it bumps its version and brings the check back; writes through ``.data`` or shared numpy
+#: memory do not, as autograd's own version checks do not see them).
 _PSD_CHECKED = WeakIdKeyDictionary()
 
 
 def _check_psd(name: str, m: Tensor, what: str, full: bool) -> None:
     """Symmetric, finite, and (``full``) no negative eigenvalue or (cheap) no negative diagonal entry."""
+    if m.is_inference():  # no version counter: checked on every read
+        _check_psd_now(name, m, what, full)
+        return
     seen = _PSD_CHECKED.get(m)
     if seen is not None and seen[0] == m._version and (seen[1] or not full):
         return
@@ -471,7 +475,9 @@ class SumCurvature(Curvature):
 def _kronecker_inverse(a: Tensor, U: Tensor, b: Tensor, V: Tensor, damping: float, in_axis: int) -> Preconditioner:
     """R -> (B (x) A + damping I)^-1 R with A = U diag(a) U^T, B = V diag(b) V^T (``in_axis`` 1: R is out x in,
     W -> B W A; 0: R is in x out, W -> A W B), every eigenvalue product raised to at least PRECONDITIONER_FLOOR x
-    the largest (a positive-definite preconditioner for singular factors)."""
+    the largest (a positive-definite preconditioner for singular factors). The inverse products are applied in the
+    residual's dtype, so in float32 the curvature's eigenvalue products must stay within about 1e-30 to 1e30 (the
+    tests check factors scaled by 1e-10 and 1e10)."""
     d = b[:, None] * a[None, :] + damping if in_axis == 1 else a[:, None] * b[None, :] + damping
     top = float(d.max()) if d.numel() else 0.0
     if not top > 0:
