@@ -13,7 +13,7 @@ from modelmerge.experiments.suite import (
     SuiteEvaluator, accuracies, check_head, ensemble_logits, fit_heads, mean_diagonal, multitask_batches,
     normalized_accuracy, suite_finetune, suite_pretrained,
 )
-from modelmerge.heads import EncoderClassifier, LinearHead, fit_linear_probe, mean_pool
+from modelmerge.heads import EncoderClassifier, LinearHead, fit_linear_probe, mean_pool, text_zero_shot_head
 from modelmerge.io import load_state_dict
 from modelmerge.merge import task_arithmetic
 
@@ -206,3 +206,34 @@ def test_ensemble_normalised_accuracy_and_mean_diagonal_by_hand():
     assert acc == {"x": 0.5, "y": 1.0, "Avg.": 0.75}
     assert normalized_accuracy(acc, {"x": 0.5, "y": 0.8}) == {"x": 1.0, "y": 1.25, "Avg.": 1.125}
     assert mean_diagonal([{"w": torch.tensor([1.0, 3.0])}, {"w": torch.tensor([2.0, 2.0]), "b": torch.tensor([7.0])}]) == 3.0
+
+
+def test_text_zero_shot_head_is_the_normalised_mean_of_template_embeddings(tiny_suite):
+    """CLIP's construction in text: each row is the normalised mean over templates of the unit-norm mean-pooled
+    embeddings, computed one unpadded text at a time as a reference; with one template every class's own prompt
+    scores its class highest (cosine 1 with itself), at CLIP's logit scale."""
+    from modelmerge.experiments.suite import load_encoder
+
+    root, _, _ = tiny_suite
+    encoder, tokenizer = load_encoder(root / "models/pretrained")
+    classes, templates = ["awful", "okay", "great"], ["a {} item", "{} news today", "so {} and fast"]  # the toy vocabulary
+    head = text_zero_shot_head(encoder, tokenizer, classes, templates, batch_size=4)  # batches mix classes and padding
+    assert head.classes == classes and head.scale == 100.0 and torch.equal(head.bias, torch.zeros(3))
+
+    def embed(text):
+        enc = tokenizer([text], return_tensors="pt")
+        with torch.no_grad():
+            h = encoder(**{k: enc[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
+        return F.normalize(h[0].mean(0), dim=-1)
+
+    ref = torch.stack([F.normalize(torch.stack([embed(t.format(c)) for t in templates]).mean(0), dim=-1)
+                       for c in classes])
+    assert float((ref[0] - ref[1]).abs().max()) > 1e-3  # the class names reach the encoder as different tokens
+    torch.testing.assert_close(head.weight, ref, atol=1e-5, rtol=0)
+    one = text_zero_shot_head(encoder, tokenizer, classes, templates[:1])
+    prompts = torch.stack([embed(templates[0].format(c)) for c in classes])
+    logits = one(prompts)
+    torch.testing.assert_close(logits.diagonal(), torch.full((3,), 100.0), atol=1e-3, rtol=0)
+    assert torch.equal(logits.argmax(1), torch.arange(3))
+    with pytest.raises(ValueError, match="needs a"):
+        text_zero_shot_head(encoder, tokenizer, classes, ["no slot"])

@@ -129,6 +129,32 @@ class EncoderClassifier(nn.Module):
         self.encoder.load_state_dict(dict(state), strict=True)
 
 
+#: CLIP's logit scale at the end of its training (exp(4.6052)); a text zero-shot head uses it as CLIP's does
+CLIP_LOGIT_SCALE = 100.0
+
+
+@torch.no_grad()
+def text_zero_shot_head(encoder: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence[str],
+                        scale: float = CLIP_LOGIT_SCALE, max_length: int = 64, batch_size: int = 64) -> LinearHead:
+    """CLIP's zero-shot head built with a text encoder: w_c = normalise(mean_t normalise(meanpool(g(template_t(c))))),
+    logits scale * f^T w_c, bias 0 (``templates`` hold ``{}`` where the class name goes)."""
+    if not classnames or not templates:
+        raise ValueError("need at least one class name and one template")
+    if any("{}" not in t for t in templates):
+        raise ValueError(f"every template needs a '{{}}' for the class name, got {list(templates)}")
+    texts = [t.format(c) for c in classnames for t in templates]
+    device = next(encoder.parameters()).device
+    encoder.eval()
+    chunks = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(device)
+        hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        chunks.append(F.normalize(mean_pool(hidden, enc["attention_mask"]).float(), dim=-1).cpu())
+    per_template = torch.cat(chunks).view(len(classnames), len(templates), -1)
+    return LinearHead(F.normalize(per_template.mean(1), dim=-1), None, scale, list(classnames))
+
+
 @torch.no_grad()
 def encode(model: EncoderClassifier, batches: Sequence[Mapping[str, Tensor]]) -> Tensor:
     """Unit-norm features of every example, in batch order."""
