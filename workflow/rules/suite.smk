@@ -6,7 +6,7 @@
 #   {SUITE_DIR}/models/<name>/              name = task or "multitask": encoder folder, metrics.json, predictions
 #   {SUITE_DIR}/curvature/<task>/<kind>.safetensors   kind in SUITE_CURVATURE
 #   {DATA}/prepared/<suite>/<task>/<split>.parquet, classes.json
-from modelmerge.data.suite import suite_modality  # a light module: parsing the workflow does not import torch
+from modelmerge.data.suite import suite_assets, suite_modality  # light: parsing the workflow does not import torch
 
 SUITE = config["suite"]
 SUITE_NAME = SUITE["name"]
@@ -15,6 +15,9 @@ SUITE_DATA = f"{DATA}/prepared/{SUITE_NAME}"
 SUITE_TASKS = list(SUITE["tasks"])
 SUITE_MODALITY = suite_modality(SUITE_TASKS)  # "text" (offline tasks) or "image" (paper tasks); unknown names stop here
 SUITE_MODELS = [*SUITE_TASKS, "multitask"]
+SUITE_HEADS = SUITE.get("heads", "zero_shot")
+# the kind of head the suite does not use, kept for the suite table's second pretrained row (text tasks)
+SUITE_OTHER_HEADS = f"{SUITE_DIR}/heads_{'probe' if SUITE_HEADS == 'zero_shot' else 'zero_shot'}"
 SUITE_CURVATURE = ["fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac_train", "kfac_validation", "kfac_sampled"]
 
 
@@ -37,7 +40,8 @@ wildcard_constraints:
 def suite_outputs() -> list[str]:
     """The suite's tracked tables: datasheet, heads, individual and multitask accuracies."""
     return [*table_files(SUITE_NAME, "datasheet"), *table_files(SUITE_NAME, "heads"),
-            *table_files(SUITE_NAME, "individual_multitask"), *figure_files(SUITE_NAME, "cross_task_accuracy")]
+            *table_files(SUITE_NAME, "individual_multitask"), *table_files(SUITE_NAME, "headroom"),
+            *figure_files(SUITE_NAME, "headroom"), *figure_files(SUITE_NAME, "cross_task_accuracy")]
 
 
 def suite_model_file(name: str) -> str:
@@ -57,9 +61,9 @@ def suite_splits() -> list[str]:
 
 
 rule suite_data:
-    """Seeded, capped train / validation / test splits of the eight tasks and their datasheet."""
+    """Deduplicated, seeded train / validation / test splits of the eight tasks (cut by count) and their datasheet."""
     input:
-        assets=[f"{DATA}/raw/{a}/provenance.json" for a in ("tweets", "drugs")] if SUITE_MODALITY == "text" else [],
+        assets=[f"{DATA}/raw/{a}/provenance.json" for a in suite_assets(SUITE_TASKS)],
         library=LIBRARY,
     output:
         splits=suite_splits(),
@@ -71,12 +75,10 @@ rule suite_data:
         f"{RESULTS}/benchmarks/{SUITE_NAME}/data.tsv"
     params:
         tasks=SUITE_TASKS,
-        tweets_csv=asset_file("tweets", config["assets"]["tweets"]["members"][0]),
-        drugs_zip=asset_file("drugs", config["assets"]["drugs"]["members"][0]),
+        raw_dir=f"{DATA}/raw",
         data_dir=SUITE_DATA,
         seed=SUITE["seed"],
         validation=config["data"]["validation"],
-        test=config["data"]["test"],
         caps=SUITE["caps"],
         min_condition=SUITE["min_condition"],
         assets=config["assets"],
@@ -86,7 +88,8 @@ rule suite_data:
 
 
 rule suite_pretrained:
-    """The pretrained encoder (MiniLM asset, a tiny random BERT, or a hub model) and one linear probe per task."""
+    """The pretrained encoder (MiniLM asset, a tiny random BERT, or a hub model) and the frozen heads: zero-shot
+    (class names x templates) and linear probes, the configured kind in heads/, the other in heads_<kind>/."""
     input:
         asset=[f"{DATA}/raw/minilm/provenance.json"] if SUITE["pretrained"] == "minilm" else [],
         splits=suite_splits(),
@@ -94,6 +97,7 @@ rule suite_pretrained:
     output:
         model=f"{SUITE_DIR}/models/pretrained/model.safetensors",
         heads=suite_heads(),
+        other_heads=[f"{SUITE_OTHER_HEADS}/{t}.safetensors" for t in SUITE_TASKS] if SUITE_MODALITY == "text" else [],
         tables=table_files(SUITE_NAME, "heads"),
     log:
         f"{RESULTS}/logs/{SUITE_NAME}/pretrained.log",
@@ -109,6 +113,8 @@ rule suite_pretrained:
         data_dir=SUITE_DATA,
         tasks=SUITE_TASKS,
         modality=SUITE_MODALITY,
+        heads=SUITE.get("heads", "zero_shot"),
+        other_dir=SUITE_OTHER_HEADS if SUITE_MODALITY == "text" else None,
         table=f"{FIGURES}/{SUITE_NAME}/heads",
         **{k: SUITE[k] for k in ("seed", "max_length", "probe_l2")},
     script:
@@ -177,9 +183,11 @@ rule suite_report:
     input:
         notebook="notebooks/suite_report.ipynb",
         models=[suite_model_file(m) for m in ["pretrained", *SUITE_MODELS]],
+        other_heads=[f"{SUITE_OTHER_HEADS}/{t}.safetensors" for t in SUITE_TASKS] if SUITE_MODALITY == "text" else [],
         library=LIBRARY,
     output:
-        [*table_files(SUITE_NAME, "individual_multitask"), *figure_files(SUITE_NAME, "cross_task_accuracy")],
+        [*table_files(SUITE_NAME, "individual_multitask"), *table_files(SUITE_NAME, "headroom"),
+         *figure_files(SUITE_NAME, "headroom"), *figure_files(SUITE_NAME, "cross_task_accuracy")],
     log:
         notebook=f"{RESULTS}/logs/{SUITE_NAME}/report.ipynb",
     benchmark:
@@ -193,6 +201,9 @@ rule suite_report:
             "suite_dir": SUITE_DIR,
             "data_dir": SUITE_DATA,
             "out_dir": f"{FIGURES}/{SUITE_NAME}",
+            "heads": SUITE_HEADS,
+            "other_heads_dir": SUITE_OTHER_HEADS if SUITE_MODALITY == "text" else "",
+            "lambdas": SUITE.get("lambdas", [0.1, 0.2, 0.3, 0.5, 1.0]),
             "max_length": SUITE["max_length"],
         }),
     retries: NOTEBOOK_RETRIES

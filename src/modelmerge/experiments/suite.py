@@ -27,6 +27,7 @@ from modelmerge.statedict import strip_prefix
 CURVATURE_KINDS = ("fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac_train", "kfac_validation",
                    "kfac_sampled")
 MULTITASK = "multitask"
+HEAD_KINDS = ("zero_shot", "probe")
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -53,23 +54,23 @@ def vision_suite_tasks(tasks: Sequence[str], *, seed: int, validation: float, ca
 
 
 def prepare_suite_data(
-    tasks: Sequence[str], tweets_csv: str, drugs_zip: str, data_dir: str, *, seed: int, validation: float, test: float,
-    caps: Mapping[str, int], min_condition: int,
+    tasks: Sequence[str], raw_dir: str, data_dir: str, *, seed: int, validation: float, caps: Mapping[str, int],
+    min_condition: int,
 ) -> tuple[dict, dict]:
     """Write ``data_dir/<task>/{train,validation,test}.parquet`` and ``data_dir/classes.json``; return (splits, classes).
 
-    Offline tasks come from the packaged corpora (``data.suite``); paper tasks from the hub (``data.vision``, images
-    kept encoded in the parquet files, ``test`` unused: the hub fixes the test split).
+    Offline tasks come from the packaged corpora unpacked under ``raw_dir`` (``data.suite``: deduplicated, split by
+    count); paper tasks from the hub (``data.vision``, images kept encoded in the parquet files, ``test`` unused:
+    the hub fixes the test split, ``validation`` is the fraction of the hub's train split held out).
     """
-    from modelmerge.data import read_tweets, write_splits
-    from modelmerge.data.suite import read_drug_table, suite_tasks
+    from modelmerge.data import write_splits
+    from modelmerge.data.suite import suite_tasks
     from modelmerge.io import atomic_write_text
 
     if suite_modality(tasks) == "image":
         splits, classes = vision_suite_tasks(tasks, seed=seed, validation=validation, caps=caps)
     else:
-        splits, classes = suite_tasks(read_tweets(tweets_csv), read_drug_table(drugs_zip), tasks, seed=seed,
-                                      validation=validation, test=test, caps=caps, min_condition=min_condition)
+        splits, classes = suite_tasks(raw_dir, tasks, seed=seed, caps=caps, min_condition=min_condition)
     for task, parts in splits.items():
         write_splits(parts, Path(data_dir) / task)
     atomic_write_text(Path(data_dir) / "classes.json", json.dumps(classes, indent=1) + "\n")
@@ -77,30 +78,27 @@ def prepare_suite_data(
 
 
 def suite_datasheet_table(splits: Mapping, classes: Mapping, assets: Mapping, stem: str) -> str:
-    """The datasheet of the offline suite (source, licence, classes, split sizes), saved as a table; returns it."""
-    from modelmerge.data.suite import TWEET_TASKS, suite_datasheet
+    """The datasheet of the suite (source, licence, classes, split sizes), saved as a table; returns it."""
+    from modelmerge.data.suite import TEXT_TASKS, suite_datasheet
     from modelmerge.data.vision import VISION_TASKS
     from modelmerge.report import save_table
-
-    def asset(name: str) -> str:
-        return f"{assets[name]['package']}=={assets[name]['version']}"
 
     if suite_modality(list(splits)) == "image":
         sources = {t: f"hub {VISION_TASKS[t].path}" for t in splits}
         licences = {t: "see the dataset card on the hub" for t in splits}
         what = "The paper suite (002/003/004's eight image tasks)"
     else:
-        sources = {t: f"{asset('tweets')}: tweets matching the '{t}' keyword rule, 3-class sentiment" if t in TWEET_TASKS
-                   else f"{asset('drugs')}: drug reviews, {'rating polarity' if t == 'drug_polarity' else 'condition treated'}"
-                   for t in splits}
-        licences = {t: assets["tweets" if t in TWEET_TASKS else "drugs"]["licence"] for t in splits}
+        spec = {t: assets[TEXT_TASKS[t].asset] for t in splits}
+        sources = {t: f"{spec[t]['package']}=={spec[t]['version']}: {TEXT_TASKS[t].describe}" for t in splits}
+        licences = {t: spec[t]["licence"] for t in splits}
         what = "The offline eight-task suite"
     sheet = suite_datasheet(splits, classes, sources, licences)
     if sheet["class names"].str.len().max() > 200:  # SUN397's 397 names do not belong in a table cell
         sheet["class names"] = ["; ".join(classes[t][:5]) + ("; ..." if len(classes[t]) > 5 else "") for t in splits]
     save_table(sheet, stem, floatfmt=".1f", caption=(
-        f"{what}: every task's source, licence, classes and seeded split sizes (splits capped "
-        "as configured); the majority-class share of the test split is the accuracy of always guessing it."))
+        f"{what}: every task's source, licence, classes and seeded split sizes (offline tasks: deduplicated by "
+        "normalised text, then cut by count, test first); the majority-class share of the test split is the "
+        "accuracy of always guessing it."))
     return sheet.drop(columns=["class names"]).to_string()
 
 
@@ -180,13 +178,19 @@ def batches_of(tokenizer, frame: pd.DataFrame, batch_size: int, max_length: int,
 
 def fit_heads(
     pretrained_dir: str, data_dir: str, heads_dir: str, tasks: Sequence[str], *, max_length: int, l2: float,
-    threads: int = 1, clip_source: str | None = None,
+    threads: int = 1, clip_source: str | None = None, heads: str = "zero_shot", other_dir: str | None = None,
 ) -> pd.DataFrame:
-    """One frozen head per task, saved; returns each head's validation accuracy on the pretrained encoder.
+    """One frozen head per task, saved in ``heads_dir``; returns each head's validation accuracy on the pretrained
+    encoder.
 
-    Text: a linear probe on the pretrained encoder's features of the task's training split. Image (paper): the
+    Text: ``heads="zero_shot"`` is CLIP's construction with the task's class names and templates
+    (``data.suite.TEXT_TASKS``, logit scale 100); ``heads="probe"`` a linear probe on the pretrained encoder's
+    features of the task's training split. Both kinds are built; the other one is saved in ``other_dir`` (when
+    given) and its accuracy reported beside, so the suite can show both pretrained rows. Image (paper): the
     zero-shot head of the full CLIP ``clip_source`` (class names x templates through the text tower).
     """
+    if heads not in HEAD_KINDS:
+        raise ValueError(f"heads must be one of {HEAD_KINDS}, got {heads!r}")
     torch.set_num_threads(threads)
     encoder, tokenizer = load_encoder(pretrained_dir)
     encoder.to(device())
@@ -207,20 +211,54 @@ def fit_heads(
         train, val = (split_frame_of(data_dir, task, s) for s in ("train", "validation"))
         placeholder = {task: LinearHead(torch.zeros(len(classes[task]), 1))}
         model = EncoderClassifier(encoder, placeholder, pooling="clip" if image else "mean")
+        xv = encode(model, batches_of(tokenizer, val, 64, max_length))
         if image:
             from modelmerge.clip import zero_shot_head
             from modelmerge.data.vision import templates
 
-            head = zero_shot_head(clip_source, classes[task], templates(task), device=device())
+            built = {"zero_shot": zero_shot_head(clip_source, classes[task], templates(task), device=device())}
         else:
+            from modelmerge.data.suite import TEXT_TASKS
+
             x = encode(model, batches_of(tokenizer, train, 64, max_length))
-            head = fit_linear_probe(x, train["label"].to_numpy(), len(classes[task]), l2=l2, classes=classes[task])
-        check_head(task, head, train["label"].to_numpy())
-        xv = encode(model, batches_of(tokenizer, val, 64, max_length))
-        acc = float((head(xv).argmax(-1).numpy() == val["label"].to_numpy()).mean())
-        head.save(Path(heads_dir) / f"{task}.safetensors")
-        rows.append({"task": task, "classes": head.num_classes, "train examples": len(train), "validation accuracy": acc})
+            built = {"probe": fit_linear_probe(x, train["label"].to_numpy(), len(classes[task]), l2=l2,
+                                               classes=classes[task])}
+            if heads == "zero_shot" or task in TEXT_TASKS:  # a task without prompts can still have a probe head
+                built["zero_shot"] = text_task_head(encoder, tokenizer, task, classes[task], max_length=max_length)
+        row = {"task": task, "classes": len(classes[task]), "train examples": len(train)}
+        for kind, head in built.items():
+            check_head(task, head, train["label"].to_numpy())
+            check_head(task, head, val["label"].to_numpy())
+            row[f"validation accuracy, {kind.replace('_', '-')} head"] = float(
+                (head(xv).argmax(-1).numpy() == val["label"].to_numpy()).mean())
+        if heads not in built:
+            raise ValueError(f"heads={heads!r} is not available for image tasks (CLIP's zero-shot heads only)")
+        built[heads].save(Path(heads_dir) / f"{task}.safetensors")
+        for kind, head in built.items():
+            if kind != heads and other_dir is not None:
+                head.save(Path(other_dir) / f"{task}.safetensors")
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def text_task_head(encoder: torch.nn.Module, tokenizer, task: str, classes: Sequence[str], *, max_length: int) -> LinearHead:
+    """The zero-shot head of an offline suite task: its class names put into its templates (``TEXT_TASKS``)."""
+    from modelmerge.data.suite import TEXT_TASKS
+    from modelmerge.heads import text_zero_shot_head
+
+    if task not in TEXT_TASKS:
+        raise KeyError(f"no prompts for task {task!r}; known: {sorted(TEXT_TASKS)}")
+    spec = TEXT_TASKS[task]
+    names = spec.prompt_names(classes)
+    empty = [c for c, n in zip(classes, names) if not str(n).strip()]
+    if empty:
+        raise ValueError(f"task {task!r}: class(es) {empty} have an empty name; a zero-shot head needs a name per class")
+    slotless = [t for t in spec.templates if "{}" not in t]
+    if slotless or not spec.templates:
+        raise ValueError(f"task {task!r}: template(s) {slotless} have no '{{}}' for the class name")
+    head = text_zero_shot_head(encoder, tokenizer, names, spec.templates, max_length=max_length)
+    head.classes = list(classes)
+    return head
 
 
 def device() -> torch.device:
@@ -439,3 +477,34 @@ def mean_diagonal(curvatures: Sequence[Mapping[str, Tensor]]) -> float:
     if count == 0:
         raise ValueError("no curvature entries")
     return total / count
+
+
+def task_arithmetic_on_validation(evaluator: SuiteEvaluator, base: Mapping[str, Tensor],
+                                  models: Sequence[Mapping[str, Tensor]], lambdas: Sequence[float],
+                                  ) -> tuple[float, dict[float, float], dict[str, Tensor]]:
+    """(lambda*, lambda -> validation Avg., test logits at lambda*) of theta_0 + lambda sum_t (theta_t - theta_0),
+    lambda* = the best validation Avg. (the smallest lambda on ties)."""
+    from modelmerge.merge import task_arithmetic
+
+    scores = {}
+    for lam in lambdas:
+        scores[float(lam)] = evaluator.accuracy(task_arithmetic(base, models, float(lam)), "validation")["Avg."]
+    best = max(scores, key=lambda lam: (scores[lam], -lam))
+    return best, scores, evaluator.logits(task_arithmetic(base, models, best), "test")
+
+
+def headroom_table(zero_shot: Mapping[str, float], individual: Mapping[str, float],
+                   merged: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """One row per task (and "Avg."): zero-shot and individual accuracy (%), the fine-tunes' gain (individual minus
+    zero-shot, points) and each merge's normalised accuracy (merged / individual, %)."""
+    tasks = [t for t in individual if t != "Avg."]
+    rows = []
+    for t in [*tasks, "Avg."]:
+        pick = (lambda acc: float(np.mean([acc[s] for s in tasks]))) if t == "Avg." else (lambda acc: acc[t])
+        row = {"task": t, "zero-shot %": 100 * pick(zero_shot), "individual %": 100 * pick(individual)}
+        row["gain (points)"] = row["individual %"] - row["zero-shot %"]
+        for name, acc in merged.items():
+            norm = normalized_accuracy({s: acc[s] for s in tasks}, individual)
+            row[f"{name}, normalised %"] = 100 * norm[t]
+        rows.append(row)
+    return pd.DataFrame(rows)
