@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from modelmerge.data.splits import SPLITS, split_frame
+from modelmerge.data.splits import SPLITS
 from modelmerge.data.tweets import SOURCE_RULES
 
 SENTIMENT_CLASSES = ["negative", "neutral", "positive"]
