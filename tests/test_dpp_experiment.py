@@ -146,7 +146,7 @@ def test_subset_scores_tune_lambda_on_tuning_data_only_and_score_once():
         return [{"x": torch.ones(4), "labels": torch.full((4,), label)}]
 
     # theta = lam * 1: tuning data wants class 1 (w <= 0.5), test data class 0 (w > 0.5)
-    evaluator = SimpleNamespace(model=_FakeModel(), tasks=["t"], batches={"test": {"t": batches(0)}})
+    evaluator = SimpleNamespace(model=_FakeModel(), tasks=["t"], sorted_batches=lambda split: {"t": batches(0)})
     merges = []
     scores = SubsetScores({"w": torch.zeros(())}, {"a": {"w": torch.ones(())}}, evaluator, [0.2, 0.4, 0.7, 1.0],
                           tune={"t": batches(1)}, extra={"shifted": {"t": batches(1)}},
@@ -157,6 +157,38 @@ def test_subset_scores_tune_lambda_on_tuning_data_only_and_score_once():
     row = scores("task arithmetic", ("a",))  # the extra set: the merge rebuilt once at the chosen lambda
     assert row["shifted/t"] == 1.0 and row["lambda"] == 0.2
     assert scores("task arithmetic", ("a",)) is row and len(merges) == 2
+    assert scores.correct[("task arithmetic", ("a",))]["shifted/t"].tolist() == [1.0] * 4
+
+
+def test_subset_scores_paired_differences_match_the_per_example_scores():
+    from types import SimpleNamespace
+
+    from modelmerge.evaluate import claim_verdict
+    from modelmerge.experiments.dpp import SubsetScores
+
+    # class 0 scores w * x, class 1 scores 0.5: with lam = 1, example x is called 0 iff w x > 0.5
+    x = torch.tensor([0.1, 0.3, 0.6, 0.9, 1.2, 2.0, 3.0, 5.0])
+    test = {"t": [{"x": x[:5], "labels": torch.zeros(5, dtype=torch.long)},
+                  {"x": x[5:], "labels": torch.zeros(3, dtype=torch.long)}]}
+    evaluator = SimpleNamespace(model=_FakeModel(), tasks=["t"], sorted_batches=lambda split: test)
+    models = {"a": {"w": torch.tensor(1.0)}, "b": {"w": torch.tensor(0.2)}, "c": {"w": torch.tensor(0.5)}}
+    scores = SubsetScores({"w": torch.zeros(())}, models, evaluator, [1.0], tune={"t": test["t"][:1]})
+    rows = {m: scores("task arithmetic", (m,)) for m in models}
+    correct = {m: (models[m]["w"] * x > 0.5).double().numpy() for m in models}  # by hand
+    for m in models:
+        assert scores.correct[("task arithmetic", (m,))]["test/t"].tolist() == correct[m].tolist()
+        assert rows[m]["test/t"] == pytest.approx(correct[m].mean())
+    a, b, c = (("task arithmetic", (m,)) for m in "abc")
+    assert scores.paired(a, a, "test", ["t"]) == (0.0, 0.0, 0.0)
+    d, lo, hi = scores.paired(a, b, "test", ["t"])
+    assert d == pytest.approx(correct["a"].mean() - correct["b"].mean()) and lo <= d <= hi
+    d2, _, _ = scores.paired(a, [b, c], "test", ["t"])  # against the mean of several merges
+    assert d2 == pytest.approx(correct["a"].mean() - (correct["b"].mean() + correct["c"].mean()) / 2)
+    assert claim_verdict(lo, hi) == ("supported" if lo > 0 else "inside noise")
+    assert claim_verdict(0.1, 0.3) == "supported" and claim_verdict(-0.3, -0.1) == "not supported (reversed)"
+    assert claim_verdict(-0.1, 0.2) == "inside noise"
+    with pytest.raises(ValueError, match="above"):
+        claim_verdict(0.2, 0.1)
 
 
 def test_accuracy_quality_is_the_normalised_accuracy():
@@ -164,3 +196,16 @@ def test_accuracy_quality_is_the_normalised_accuracy():
     assert torch.allclose(K.q, torch.tensor([0.6, 0.8], dtype=torch.float64))
     with pytest.raises(ValueError, match="quality"):
         build_kernel(["a"], [0.3], [0.5], torch.randn(1, 3, 4), quality="loss")
+
+
+def test_kernel_saved_and_loaded_selects_the_same(tmp_path):
+    from modelmerge.experiments.dpp import Kernel
+
+    K = build_kernel(["a", "b", "c", "d"], [0.9, 0.8, 0.85, 0.7], [0.5, 0.6, 0.5, 0.6], torch.randn(4, 6, 5))
+    K.save(tmp_path / "kernel.json")
+    back = Kernel.load(tmp_path / "kernel.json")
+    assert back.pool == K.pool and torch.equal(back.q, K.q.double()) and torch.equal(back.S, K.S.double())
+    assert [back.dpp(k) for k in range(1, 5)] == [K.dpp(k) for k in range(1, 5)]
+    (tmp_path / "bad.json").write_text('{"pool": ["a"], "q": [1.0, 0.5], "S": [[1.0]]}')
+    with pytest.raises(ValueError, match="pool of 1"):
+        Kernel.load(tmp_path / "bad.json")

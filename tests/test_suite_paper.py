@@ -429,3 +429,15 @@ def test_curvature_of_a_clip_task_model(suite, released):
     with torch.no_grad():  # RegMean's Gram of the projection: X^T X / N over the pooled (post-layernorm CLS) states
         pooled = torch.cat([model.encoder.vision_model(pixel_values=b["pixel_values"]).pooler_output for b in train])
     torch.testing.assert_close(gram.A["visual_projection.weight"], pooled.T @ pooled / 4, rtol=1e-5, atol=1e-6)
+    # a kind estimated alone (the workflow's mats_full-only K-FAC Fishers) equals the same kind estimated with the
+    # others: each estimate draws from its own seeded generator
+    alone = s["root"] / "curvature_alone"
+    suite_curvature("mnist", TASKS, str(s["pretrained"]), str(s["heads"]), str(s["models"] / "mnist"), str(s["data"]),
+                    str(alone), max_length=MAX_LENGTH, max_examples=4, batch_size=2, kinds=["kfac_sampled"])
+    assert sorted(p.name for p in alone.iterdir()) == ["kfac_sampled.safetensors"]
+    kfac_alone = LayerFactors.load(alone / "kfac_sampled.safetensors")
+    for k in kfac.A:
+        assert torch.equal(kfac_alone.A[k], kfac.A[k]) and torch.equal(kfac_alone.B[k], kfac.B[k]), k
+    with pytest.raises(ValueError, match="unknown curvature kind"):
+        suite_curvature("mnist", TASKS, str(s["pretrained"]), str(s["heads"]), str(s["models"] / "mnist"),
+                        str(s["data"]), str(alone), max_length=MAX_LENGTH, max_examples=4, kinds=["kfac_test"])

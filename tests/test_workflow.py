@@ -131,7 +131,7 @@ def smoke(tmp_path_factory):
     reuse = os.environ.get("MODELMERGE_SMOKE_DIR")
     folder = Path(reuse).resolve() if reuse else tmp_path_factory.mktemp("smoke")
     overrides = smoke_overrides(folder)
-    snakemake("all", "mats_full", *overrides)  # the default DAG and the target outside it
+    snakemake("all", "mats_full", "dpp_full", *overrides)  # the default DAG and the targets outside it
     return types.SimpleNamespace(dir=folder, overrides=overrides)
 
 
@@ -318,6 +318,12 @@ def test_smoke_dag_reproduces_the_theory_and_writes_every_figure(smoke):
     sweep = pd.read_csv(suite / "fig2_left_alpha.csv")
     for method in ("task arithmetic", "gradient matching"):
         assert sorted(sweep.loc[sweep.method == method, "alpha"]) == sorted(smoke_suite["gradient_matching"]["alphas"])
+    # the claims' paired differences are the sweep's differences of test Avg. at the same alphas
+    a_max = max(smoke_suite["gradient_matching"]["alphas"])
+    fig2_claims = pd.read_csv(suite / "fig2_left_claims.csv").set_index("claim")
+    at = sweep.set_index(["method", "alpha"])["test Avg."]
+    assert fig2_claims.loc[f"GM beats TA at the largest alpha ({a_max:g})", "difference (points)"] == pytest.approx(
+        at["gradient matching", a_max] - at["task arithmetic", a_max], abs=1e-6)
     for kind in ("fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac_train", "kfac_validation", "kfac_sampled"):
         assert (tmp_path / "results" / "suite" / "curvature" / "airline" / f"{kind}.safetensors").is_file()
 
@@ -362,6 +368,21 @@ def test_smoke_dag_reproduces_the_theory_and_writes_every_figure(smoke):
     assert samples["samples"].sum() == smoke_dpp["dpp_samples"] and samples["exact probability"].between(0, 1).all()
     table2_dpp = pd.read_csv(dpp / "table2_robustness.csv")
     assert {f"{c}: Avg." for c in ["clean", *smoke_dpp["corruptions"]]} <= set(table2_dpp.columns)
+    # the claims' paired differences are the tables' differences of means, inside their intervals
+    claims = pd.read_csv(dpp / "claims.csv")
+    assert ((claims["95% interval low"] <= claims["difference (points)"] + 1e-9)
+            & (claims["difference (points)"] <= claims["95% interval high"] + 1e-9)).all()
+    for method in ("task arithmetic", "TIES"):
+        rows = table1_dpp[table1_dpp["method"].str.startswith(method)].set_index("method")
+        dpp_row = next(r for r in rows.index if "DPP" in r)
+        claim = claims[claims["claim"].str.startswith(f"{method}: DPP") & claims["claim"].str.endswith("merging every seen model")
+                       & claims["tasks"].str.startswith("unseen")].iloc[0]
+        assert claim["difference (points)"] == pytest.approx(rows.loc[dpp_row, "unseen Avg."] - rows.loc[method, "unseen Avg."], abs=1e-6)
+    claims2 = pd.read_csv(dpp / "table2_claims.csv")
+    assert set(claims2["condition"]) == {"clean", *smoke_dpp["corruptions"]}
+    eight = claims2[claims2["claim"].str.endswith("merging every model")].set_index("condition")
+    for c in ["clean", *smoke_dpp["corruptions"]]:
+        assert eight.loc[c, "difference (points)"] == pytest.approx(table2_dpp.loc[2, f"{c}: Avg."] - table2_dpp.loc[1, f"{c}: Avg."], abs=1e-6)
 
     # SuperMerge: Tables 3 and 6 rank every method by its accuracy (ties share the better rank), Table 4 repeats
     # their averages, Table 5 measured every learned merge, hierarchical with fan_in models at a time
@@ -403,7 +424,8 @@ def test_the_report_embeds_every_figure_with_its_caption(smoke):
     # the shareable report: every tracked figure and table embedded under its experiment, with its caption rendered
     # against the run's configuration
     html = smoke.dir / "report.html"
-    snakemake("all", "mats_full", "--report", str(html), *smoke.overrides)  # mats_full: its files are in figures/ too
+    # mats_full, dpp_full: their files are in figures/ too
+    snakemake("all", "mats_full", "dpp_full", "--report", str(html), *smoke.overrides)
     text = html.read_text()
     for category in ("001 toxicity", "002 MaTS", "003 DPP selection", "004 SuperMerge", "The eight-task suite"):
         assert category in text
@@ -465,7 +487,8 @@ def test_interrupted_runs_resume_to_the_same_bytes(smoke, tmp_path):
     starts no new one (Snakemake's graceful stop). Either way the plain rerun ends with the uninterrupted bytes."""
     before = {d: digest(smoke.dir / "figures" / d) for d in TRACKED}
     # two figure rules at the leaves of the DAG (re-running them changes nothing upstream)
-    targets = [str(p) for d in ("dpp", "supermerge") for p in sorted((smoke.dir / "figures" / d).iterdir())]
+    targets = [str(p) for d in ("dpp", "supermerge") for p in sorted((smoke.dir / "figures" / d).iterdir())
+               if not p.name.startswith(("table2_", "perturbations"))]  # dpp_select's files, not dpp_robustness's
     forced = ["--forcerun", "dpp_select", "supermerge_tables"]
     out = interrupt_mid_rule(smoke.overrides, "dpp_select", signal.SIGINT, tmp_path / "sigint.log", *targets, *forced)
     assert "Terminating processes on user request" in out and "Finished jobid" not in out, out[-3000:]

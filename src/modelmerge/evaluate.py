@@ -180,3 +180,15 @@ def paired_bootstrap(correct_a: Mapping[str, np.ndarray], correct_b: Mapping[str
     draws = np.mean([d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(1) for d in diffs.values()], axis=0)
     lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
     return point, float(lo), float(hi)
+
+
+def claim_verdict(low: float, high: float) -> str:
+    """The verdict on a claim "a beats b" from the 95% interval of a - b: "supported" (the interval lies above 0),
+    "not supported (reversed)" (below 0) or "inside noise" (it contains 0)."""
+    if low > high:
+        raise ValueError(f"interval low {low} above high {high}")
+    if low > 0:
+        return "supported"
+    if high < 0:
+        return "not supported (reversed)"
+    return "inside noise"

@@ -170,6 +170,7 @@ rule mats_extra:
         curve=rules.mats_iterations.output.curve,
         table4=table_files("mats", "table4_fisher"),
         state=f"{MATS_DIR}/from_task_arithmetic_regmean.safetensors",
+        curvature_extra=[f for t in SUITE_TASKS for f in suite_curvature_files(t, SUITE_CURVATURE_EXTRA)],
         library=LIBRARY,
     output:
         figure_files("mats", "fig2_init_objective"),

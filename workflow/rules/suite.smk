@@ -4,7 +4,7 @@
 #   {SUITE_DIR}/models/pretrained/          encoder folder (save_pretrained) + tokenizer
 #   {SUITE_DIR}/heads/<task>.safetensors    frozen heads (LinearHead)
 #   {SUITE_DIR}/models/<name>/              name = task or "multitask": encoder folder, metrics.json, predictions
-#   {SUITE_DIR}/curvature/<task>/<kind>.safetensors   kind in SUITE_CURVATURE
+#   {SUITE_DIR}/curvature/<task>/<kind>.safetensors   kind in SUITE_CURVATURE (+ SUITE_CURVATURE_EXTRA: mats_full)
 #   {DATA}/prepared/<suite>/<task>/<split>.parquet, classes.json
 from modelmerge.data.suite import suite_assets, suite_modality  # light: parsing the workflow does not import torch
 
@@ -18,7 +18,9 @@ SUITE_MODELS = [*SUITE_TASKS, "multitask"]
 SUITE_HEADS = SUITE.get("heads", "zero_shot")
 # the kind of head the suite does not use, kept for the suite table's second pretrained row (text tasks)
 SUITE_OTHER_HEADS = f"{SUITE_DIR}/heads_{'probe' if SUITE_HEADS == 'zero_shot' else 'zero_shot'}"
-SUITE_CURVATURE = ["fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac_train", "kfac_validation", "kfac_sampled"]
+# what the default experiments read, and the two K-FAC Fishers only 002 Table 4's full rows read (target mats_full)
+SUITE_CURVATURE = ["fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac_validation"]
+SUITE_CURVATURE_EXTRA = ["kfac_train", "kfac_sampled"]
 
 
 def suite_released(name: str) -> str | None:
@@ -48,8 +50,8 @@ def suite_model_file(name: str) -> str:
     return f"{SUITE_DIR}/models/{name}/model.safetensors"
 
 
-def suite_curvature_files(task: str) -> list[str]:
-    return [f"{SUITE_DIR}/curvature/{task}/{kind}.safetensors" for kind in SUITE_CURVATURE]
+def suite_curvature_files(task: str, kinds: list[str] = SUITE_CURVATURE) -> list[str]:
+    return [f"{SUITE_DIR}/curvature/{task}/{kind}.safetensors" for kind in kinds]
 
 
 def suite_heads() -> list[str]:
@@ -153,7 +155,8 @@ rule suite_model:
 
 
 rule suite_curvature:
-    """Diagonal and K-FAC Fishers (empirical on train and on validation, sampled-label on train), RegMean Grams."""
+    """Diagonal Fishers (empirical on train and on validation, sampled-label on train), the K-FAC Fisher on
+    validation and RegMean Grams: what the default experiments read."""
     input:
         model=f"{SUITE_DIR}/models/{{suite_task}}/model.safetensors",
         library=LIBRARY,
@@ -172,7 +175,34 @@ rule suite_curvature:
             task=wc.suite_task, tasks=SUITE_TASKS, pretrained_dir=f"{SUITE_DIR}/models/pretrained",
             heads_dir=f"{SUITE_DIR}/heads", model_dir=f"{SUITE_DIR}/models/{wc.suite_task}", data_dir=SUITE_DATA,
             out_dir=f"{SUITE_DIR}/curvature/{wc.suite_task}", max_length=SUITE["max_length"],
-            max_examples=SUITE["curvature_examples"], seed=SUITE["seed"],
+            max_examples=SUITE["curvature_examples"], seed=SUITE["seed"], kinds=SUITE_CURVATURE,
+        ),
+    script:
+        "../scripts/call.py"
+
+
+rule suite_curvature_extra:
+    """The K-FAC Fishers on the training data, empirical and sampled-label: only 002 Table 4's full rows read them
+    (target mats_full), so the default run does not estimate them."""
+    input:
+        model=f"{SUITE_DIR}/models/{{suite_task}}/model.safetensors",
+        library=LIBRARY,
+    output:
+        [f"{SUITE_DIR}/curvature/{{suite_task}}/{kind}.safetensors" for kind in SUITE_CURVATURE_EXTRA],
+    log:
+        f"{RESULTS}/logs/{SUITE_NAME}/curvature_extra_{{suite_task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{SUITE_NAME}/curvature_extra_{{suite_task}}.tsv"
+    resources:
+        gpu=1,  # curvature estimation runs on the GPU when there is one (workflow/profiles/gpu, slurm)
+    threads: 1
+    params:
+        function="modelmerge.experiments.suite:suite_curvature",
+        kwargs=lambda wc: dict(
+            task=wc.suite_task, tasks=SUITE_TASKS, pretrained_dir=f"{SUITE_DIR}/models/pretrained",
+            heads_dir=f"{SUITE_DIR}/heads", model_dir=f"{SUITE_DIR}/models/{wc.suite_task}", data_dir=SUITE_DATA,
+            out_dir=f"{SUITE_DIR}/curvature/{wc.suite_task}", max_length=SUITE["max_length"],
+            max_examples=SUITE["curvature_examples"], seed=SUITE["seed"], kinds=SUITE_CURVATURE_EXTRA,
         ),
     script:
         "../scripts/call.py"

@@ -3,8 +3,9 @@ SUITE_GM = SUITE["gradient_matching"]
 
 
 def suite_fig2_outputs() -> list[str]:
-    """The tracked figure and table of the experiment."""
-    return [*figure_files(SUITE_NAME, "fig2_left_alpha"), *table_files(SUITE_NAME, "fig2_left_alpha")]
+    """The tracked figure and tables of the experiment (the sweep and its claims with intervals)."""
+    return [*figure_files(SUITE_NAME, "fig2_left_alpha"), *table_files(SUITE_NAME, "fig2_left_alpha"),
+            *table_files(SUITE_NAME, "fig2_left_claims")]
 
 
 rule suite_fig2:

@@ -161,6 +161,27 @@ class Kernel:
         L = self.L
         return math.exp(log_det(L, idx) - float(torch.logdet(L + torch.eye(len(self.pool), dtype=L.dtype))))
 
+    def save(self, path) -> None:
+        """The pool, q and S as JSON (float64 values round-trip exactly), written atomically."""
+        import json
+
+        from modelmerge.files import atomic_write_text
+
+        atomic_write_text(path, json.dumps({"pool": self.pool, "q": self.q.double().tolist(),
+                                            "S": self.S.double().tolist()}, indent=1))
+
+    @classmethod
+    def load(cls, path) -> Kernel:
+        """A kernel written by ``save``."""
+        import json
+        from pathlib import Path
+
+        d = json.loads(Path(path).read_text())
+        q, S = torch.tensor(d["q"], dtype=torch.float64), torch.tensor(d["S"], dtype=torch.float64)
+        if q.shape != (len(d["pool"]),) or S.shape != (len(d["pool"]),) * 2:
+            raise ValueError(f"{path}: q {tuple(q.shape)} and S {tuple(S.shape)} do not match a pool of {len(d['pool'])}")
+        return cls(list(d["pool"]), q, S)
+
     def samples(self, n: int, seed: int) -> Counter:
         """How often each subset came up in ``n`` exact DPP samples (seeded)."""
         gen = torch.Generator().manual_seed(seed)
@@ -201,9 +222,11 @@ class SubsetScores:
     ``merge(method, subset)`` is theta_0 + lam * tau(subset): task arithmetic (sum of the task vectors) or TIES
     (``ties_k``); both are linear in lam, so one merged task vector serves the whole lam grid. lam is chosen on
     ``tune`` (task -> validation batches; mean accuracy over its tasks, first best wins); the chosen merge is scored
-    on the test split of ``test_tasks`` (default: every task of the evaluator) and, when asked, on every set of
-    ``extra`` test batches (name -> task -> batches, e.g. perturbed test data), each scored against the labels its
-    batches carry.
+    on the test split of ``test_tasks`` (default: every task of the evaluator, on its batches ordered by token count)
+    and, when asked, on every set of ``extra`` test batches (name -> task -> batches, e.g. perturbed test data), each
+    scored against the labels its batches carry. ``correct[(method, subset)]["test/<task>"]`` (and
+    ``"<extra>/<task>"``) keeps each example's 0/1 correctness, in the same order for every merge, for paired
+    comparisons between merges (``evaluate.paired_bootstrap``).
     """
 
     base: State
@@ -216,6 +239,7 @@ class SubsetScores:
     bf16: bool = True
     extra: Mapping[str, Mapping[str, list]] = field(default_factory=dict)
     rows: dict[tuple[str, Subset], dict] = field(default_factory=dict)
+    correct: dict[tuple[str, Subset], dict[str, np.ndarray]] = field(default_factory=dict)
     on_merge: Callable[[str, Subset], None] | None = None
 
     def merged_update(self, method: str, subset: Subset) -> State:
@@ -248,22 +272,45 @@ class SubsetScores:
                    "tuning validation Avg.": val[lam]}
             test_tasks = self.evaluator.tasks if self.test_tasks is None else self.test_tasks
             if test_tasks:
-                test = {t: self.evaluator.batches["test"][t] for t in test_tasks}
-                row.update({f"test/{t}": a for t, a in self._accuracy(scaled_update(self.base, unit, lam), test).items()})
+                test = {t: self.evaluator.sorted_batches("test")[t] for t in test_tasks}
+                self._score(key, row, "test", scaled_update(self.base, unit, lam), test)
         if want_extra:
             self.evaluator.model.load_encoder_state(scaled_update(self.base, unit, row["lambda"]))
             for name, batches in self.extra.items():
-                row.update({f"{name}/{t}": a for t, a in self._accuracy(None, batches).items()})
+                self._score(key, row, name, None, batches)
         self.rows[key] = row
         return row
 
-    def _accuracy(self, state: State | None, batches: Mapping[str, list]) -> dict[str, float]:
-        """task -> accuracy of ``state`` (None: the state loaded last) against the labels the batches carry."""
+    def _score(self, key: tuple[str, Subset], row: dict, name: str, state: State | None,
+               batches: Mapping[str, list]) -> None:
+        """Accuracy per task into ``row`` and per-example correctness into ``correct``, under ``name/<task>``."""
+        for t, c in self._correct(state, batches).items():
+            row[f"{name}/{t}"] = float(c.mean())
+            self.correct.setdefault(key, {})[f"{name}/{t}"] = c
+
+    def _correct(self, state: State | None, batches: Mapping[str, list]) -> dict[str, np.ndarray]:
+        """task -> 0/1 per example: ``state``'s (None: the state loaded last) argmax against the batches' labels."""
         if state is not None:
             self.evaluator.model.load_encoder_state(state)
         logits = split_logits(self.evaluator.model, batches, bf16=self.bf16)
-        return {t: float((lg.argmax(-1) == torch.cat([b["labels"] for b in batches[t]])).float().mean())
+        return {t: (lg.argmax(-1) == torch.cat([b["labels"] for b in batches[t]])).numpy().astype(np.float64)
                 for t, lg in logits.items()}
+
+    def _accuracy(self, state: State | None, batches: Mapping[str, list]) -> dict[str, float]:
+        """task -> accuracy of ``state`` (None: the state loaded last) against the labels the batches carry."""
+        return {t: float(c.mean()) for t, c in self._correct(state, batches).items()}
+
+    def paired(self, a: tuple[str, Sequence[str]], b: tuple[str, Sequence[str]] | Sequence[tuple[str, Sequence[str]]],
+               name: str, tasks: Sequence[str], seed: int = 0) -> tuple[float, float, float]:
+        """Avg.(a) - Avg.(b) over ``tasks`` on the ``name`` scores ("test" or an extra set), with its paired-bootstrap
+        95% interval; ``b`` may be several merges, compared through their mean correctness per example (the expected
+        accuracy of a merge drawn uniformly from them)."""
+        from modelmerge.evaluate import paired_bootstrap
+
+        many = [b] if isinstance(b[0], str) else list(b)
+        ca = {t: self.correct[(a[0], tuple(a[1]))][f"{name}/{t}"] for t in tasks}
+        cb = {t: np.mean([self.correct[(m, tuple(s))][f"{name}/{t}"] for m, s in many], axis=0) for t in tasks}
+        return paired_bootstrap(ca, cb, seed=seed)
 
     def frame(self) -> pd.DataFrame:
         """Every scored merge, a row each."""

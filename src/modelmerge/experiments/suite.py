@@ -26,6 +26,8 @@ from modelmerge.statedict import strip_prefix
 
 CURVATURE_KINDS = ("fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac_train", "kfac_validation",
                    "kfac_sampled")
+# what every default experiment reads; kfac_train and kfac_sampled feed only 002 Table 4's K-FAC rows (mats_full)
+DEFAULT_CURVATURE_KINDS = ("fisher_train", "fisher_validation", "fisher_sampled", "gram", "kfac_validation")
 MULTITASK = "multitask"
 HEAD_KINDS = ("zero_shot", "probe")
 
@@ -174,6 +176,15 @@ def batches_of(tokenizer, frame: pd.DataFrame, batch_size: int, max_length: int,
             frame = frame.iloc[np.random.default_rng(seed).permutation(len(frame))]
         return image_batches(tokenizer, frame["image"].tolist(), frame["label"].tolist(), batch_size)
     return text_batches(tokenizer, frame["text"].tolist(), frame["label"].tolist(), batch_size, max_length, shuffle, seed)
+
+
+def length_order(tokenizer, frame: pd.DataFrame, max_length: int) -> np.ndarray:
+    """The permutation that orders a frame's texts by token count (stable; the identity for image frames): batches
+    cut in that order carry little padding."""
+    if "text" not in frame.columns:
+        return np.arange(len(frame))
+    ids = tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)["input_ids"]
+    return np.argsort([len(i) for i in ids], kind="stable")
 
 
 def fit_heads(
@@ -373,12 +384,18 @@ def suite_finetune(
 def suite_curvature(
     task: str, tasks: Sequence[str], pretrained_dir: str, heads_dir: str, model_dir: str, data_dir: str, out_dir: str, *,
     max_length: int, max_examples: int, batch_size: int = 32, threads: int = 1, seed: int = 0,
+    kinds: Sequence[str] = CURVATURE_KINDS,
 ) -> str:
-    """Every curvature 002 and 001 need of one task model, keyed by the encoder's parameter names:
+    """The curvature 002 and 001 need of one task model, keyed by the encoder's parameter names:
     diagonal and K-FAC (block-diagonal) Fishers, each empirical on the training and on the validation data and with
     sampled labels on the training data (002 Table 4's three variants; diagonals saved as F_sum with N), and RegMean
-    Grams on the training data."""
+    Grams on the training data. ``kinds`` chooses which of ``CURVATURE_KINDS`` to estimate (each has its own seeded
+    generator, so a kind is the same whether estimated alone or with the others)."""
     from modelmerge.curvature.estimate import DiagonalFisher, LayerFactors, diagonal_fisher, layer_factors
+
+    unknown = sorted(set(kinds) - set(CURVATURE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown curvature kind(s) {unknown}; expected some of {list(CURVATURE_KINDS)}")
 
     torch.set_num_threads(threads)
     model, tokenizer = load_suite_model(pretrained_dir, heads_dir, tasks, Path(model_dir) / "model.safetensors")
@@ -389,6 +406,8 @@ def suite_curvature(
     start = time.perf_counter()
     for kind, split, fisher in (("fisher_train", "train", "empirical"), ("fisher_validation", "validation", "empirical"),
                                 ("fisher_sampled", "train", "sampled")):
+        if kind not in kinds:
+            continue
         f = diagonal_fisher(model, batches[split], fisher=fisher, seed=seed, device=device(),
                             data=f"{task} {split} ({len(data[split])} examples)")
         DiagonalFisher(strip_prefix(f.f_sum, "encoder."), f.n, f.meta).save(out / f"{kind}.safetensors")
@@ -396,6 +415,8 @@ def suite_curvature(
     for name, kind, split, fisher in (("gram", "gram", "train", "empirical"), ("kfac_train", "kfac", "train", "empirical"),
                                       ("kfac_validation", "kfac", "validation", "empirical"),
                                       ("kfac_sampled", "kfac", "train", "sampled")):
+        if name not in kinds:
+            continue
         lf = layer_factors(model, batches[split], kind=kind, fisher=fisher, seed=seed, device=device(),
                            data=f"{task} {split} ({len(data[split])} examples)")
         LayerFactors(kind, strip_prefix(lf.A, "encoder."), strip_prefix(lf.B, "encoder."), strip_prefix(lf.in_axis, "encoder."), lf.n,
@@ -422,13 +443,15 @@ class SuiteEvaluator:
         self._scoring, self._inverse = {}, {}
         for s, fr in self.frames.items():
             for t, f in fr.items():
-                order = np.arange(len(f))
-                if "text" in f.columns:
-                    ids = self.tokenizer(f["text"].tolist(), truncation=True, max_length=max_length)["input_ids"]
-                    order = np.argsort([len(i) for i in ids], kind="stable")
+                order = length_order(self.tokenizer, f, max_length)
                 self._scoring.setdefault(s, {})[t] = (batches_of(self.tokenizer, f.iloc[order], batch_size, max_length)
                                                       if "text" in f.columns else self.batches[s][t])
                 self._inverse.setdefault(s, {})[t] = torch.from_numpy(np.argsort(order, kind="stable"))
+
+    def sorted_batches(self, split: str) -> dict[str, list]:
+        """task -> the split's batches ordered by token count (labels included): for scores that need no row order,
+        such as accuracy or per-example correctness compared between models on the same batches."""
+        return self._scoring[split]
 
     def logits(self, state: Mapping[str, Tensor], split: str = "test", bf16: bool = False) -> dict[str, Tensor]:
         """task -> logits of the encoder ``state`` with that task's head, rows in the frame's order (``bf16``: under
