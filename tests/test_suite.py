@@ -101,6 +101,14 @@ def test_heads_are_frozen_and_fine_tuning_changes_only_the_encoder(tiny_suite, t
     theta1 = load_state_dict(tmp_path / "t1" / "model.safetensors")
     assert theta0.keys() == theta1.keys()
     assert any(not torch.equal(theta0[k], theta1[k]) for k in theta0)
+    # the saved predictions: every task's test logits in the split's order (scored in length-sorted batches), the
+    # validation logits of its own task only; they are what the suite's evaluator gives the saved encoder
+    preds = load_state_dict(tmp_path / "t1" / "predictions.safetensors")
+    assert sorted(preds) == sorted(["validation/t1", *(f"test/{t}" for t in tasks)])
+    ev = SuiteEvaluator(str(root / "models/pretrained"), str(root / "heads"), str(data), tasks, max_length=16)
+    for t, logits in ev.logits(theta1, "test").items():
+        torch.testing.assert_close(preds[f"test/{t}"], logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(preds["validation/t1"], ev.logits(theta1, "validation")["t1"], rtol=1e-5, atol=1e-6)
 
 
 def test_alpha_zero_merge_scores_exactly_the_pretrained_encoder_on_every_task(tiny_suite, tmp_path):

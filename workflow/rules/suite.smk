@@ -149,6 +149,8 @@ rule suite_model:
             "released": suite_released(wc.suite_model),
             **{k: SUITE[k] for k in ("max_length", "seed")},
         }),
+    # the multitask fine-tune is the longest job by far (about 5x a task's): started first, it overlaps the others
+    priority: lambda wc: 1 if wc.suite_model == "multitask" else 0
     retries: NOTEBOOK_RETRIES
     shell:
         "{PAPERMILL} {input.notebook} {log.notebook} {params.notebook} -p threads {threads}"

@@ -317,6 +317,21 @@ class SubsetScores:
         return pd.DataFrame(list(self.rows.values()))
 
 
+def tuning_batches(evaluator, tasks: Sequence[str], examples: int, seed: int, max_length: int,
+                   batch_size: int = 64) -> dict[str, list]:
+    """task -> batches of a seeded subsample of ``examples`` validation examples (all when fewer), ordered by token
+    count: the data lambda and k are chosen on."""
+    from modelmerge.experiments.suite import length_order
+
+    out = {}
+    for t in tasks:
+        f = evaluator.frames["validation"][t]
+        f = f.sample(n=min(examples, len(f)), random_state=seed).sort_index()
+        out[t] = batches_of(evaluator.tokenizer, f.iloc[length_order(evaluator.tokenizer, f, max_length)], batch_size,
+                            max_length)
+    return out
+
+
 def perturbed_batches(tokenizer, frames: Mapping[str, pd.DataFrame], corruptions: Sequence[str], seed: int,
                       max_length: int, batch_size: int = 64) -> dict[str, dict[str, list]]:
     """"clean" and each corruption -> task -> batches of that task's ``frames`` (text or image, label): texts

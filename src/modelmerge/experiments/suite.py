@@ -334,7 +334,9 @@ def suite_finetune(
     released: str | None = None,
 ) -> dict:
     """Fine-tune the encoder on one task (``name``) or on all (``"multitask"``) with frozen heads; save the encoder,
-    its metrics, and the logits of every task's validation and test split.
+    its metrics, and the logits of every task's test split and of its own tasks' validation splits (nothing reads
+    another task's validation logits of a task model; test texts are scored in batches ordered by token count and
+    saved in the split's order).
 
     ``released`` (paper suite) takes a published fine-tuned vision tower instead of training one (FusionBench's
     ``tanganke/clip-vit-base-patch32_<task>``: Ilharco et al.'s recipe), then scores and saves it the same way.
@@ -366,12 +368,14 @@ def suite_finetune(
     if any(not torch.equal(heads_before[t], h.weight) for t, h in model.heads.items()):
         raise RuntimeError("a frozen head changed during fine-tuning")
     logits, accuracy = {}, {}
-    for split in ("validation", "test"):
-        data = {t: eval_frame(data_dir, t, split) for t in tasks}
-        out = split_logits(model, {t: batches_of(tokenizer, f, eval_batch_size, max_length) for t, f in data.items()})
-        for t in tasks:
-            logits[f"{split}/{t}"] = out[t]
-            accuracy[f"{split}/{t}"] = float((out[t].argmax(-1).numpy() == data[t]["label"].to_numpy()).mean())
+    for split, scored in (("validation", chosen), ("test", tasks)):
+        data = {t: eval_frame(data_dir, t, split) for t in scored}
+        order = {t: length_order(tokenizer, f, max_length) for t, f in data.items()}
+        out = split_logits(model, {t: batches_of(tokenizer, f.iloc[order[t]], eval_batch_size, max_length)
+                                   for t, f in data.items()})
+        for t in scored:
+            logits[f"{split}/{t}"] = out[t][torch.from_numpy(np.argsort(order[t], kind="stable"))]
+            accuracy[f"{split}/{t}"] = float((logits[f"{split}/{t}"].argmax(-1).numpy() == data[t]["label"].to_numpy()).mean())
     save_checkpoint(model.encoder, tokenizer, out_dir, {"name": name, "tasks": chosen, "accuracy": accuracy,
                                                         **{k: v for k, v in metrics.items() if k != "losses"},
                                                         "loss_first_last": [metrics["losses"][0], metrics["losses"][-1]]})
