@@ -180,7 +180,7 @@ def test_the_gpu_profile_runs_one_gpu_job_at_a_time_and_cpu_jobs_beside_it(tmp_p
     target = f"{tmp_path}/results/data/raw/tweets/provenance.json"
     out = snakemake(target, "--profile", "workflow/profiles/gpu", *smoke_overrides(tmp_path)).stdout
     assert re.search(r"^Provided resources: gpu=Resource\(\"gpu\", 1\)$", out, re.M), out[:3000]
-    out = dry_run("--forceall", "--profile", "workflow/profiles/gpu", "--configfile", "workflow/config/smoke.yaml").stdout
+    out = dry_run("full", "--forceall", "--profile", "workflow/profiles/gpu", "--configfile", "workflow/config/smoke.yaml").stdout
     resources = job_resources(out)
     for rule in MODEL_RULES:
         assert all(re.search(r"\bgpu=1\b", r) for r in resources[rule]), (rule, resources[rule])
@@ -200,7 +200,7 @@ def test_the_slurm_profile_sends_gpu_jobs_to_a_gpu_partition_with_a_gpu_request(
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
     profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
-    out = dry_run("--forceall", "--profile", "workflow/profiles/slurm", "--configfile", "workflow/config/smoke.yaml").stdout
+    out = dry_run("full", "--forceall", "--profile", "workflow/profiles/slurm", "--configfile", "workflow/config/smoke.yaml").stdout
     partitions = read_partition_file(ROOT / profile["slurm-partition-config"])
     logger = types.SimpleNamespace(info=lambda *a: None, debug=lambda *a: None, warning=lambda *a: None)
     resources = job_resources(out)
