@@ -26,7 +26,7 @@ include: "workflow/rules/supermerge.smk"
 # The default target: the suite and every experiment built on it (001 Fig. 2 left, 002, 003 Table 1, 004) and 001's
 # linear theory, within 2 hours on 2 CPU cores. What does not fit runs by name (`snakemake --cores 2 <target>`):
 # sentiment and toxicity (001 Secs. 4.3-4.4, about 29 minutes each), mats_full (002's whole scope), dpp_full
-# (003 Table 2); `full` is everything.
+# (003 Table 2), supermerge_full (004 Tables 4 and 6); `full` is everything.
 rule all:
     input:
         data_outputs(),
@@ -47,3 +47,4 @@ rule full:
         toxicity_outputs(),
         mats_full_outputs(),
         dpp_full_outputs(),
+        supermerge_full_outputs(),

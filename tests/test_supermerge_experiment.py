@@ -265,3 +265,73 @@ def test_hierarchical_merge_is_measured_leaner_than_the_flat_merge(tmp_path):
     assert flat["peak_host_mb"] - hier["peak_host_mb"] > 3 * tv_mb, (flat, hier)
     assert hier["trainable_at_once"] == 2 * 6 < flat["trainable_at_once"] == 8 * 6
     assert hier["flops_per_epoch"] > flat["flops_per_epoch"]  # every level passes over the data again
+
+
+def _toy_task_models(n: int = 3, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(6, 5, generator=gen, dtype=torch.float64), "b": torch.randn(5, generator=gen, dtype=torch.float64),
+            "step": torch.tensor(3)}
+    models = [{k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
+               for k, v in base.items()} for _ in range(n)]
+    return base, models
+
+
+@pytest.mark.parametrize("method", ["Task Arith.", "DARE + Task Arith.", "TIES", "DARE + TIES"])
+def test_a_tuned_baseline_is_the_direct_merge_at_the_lambda_its_score_prefers(method):
+    from modelmerge.experiments.supermerge import tuned_baseline
+    from modelmerge.merge import dare, ties
+
+    base, models = _toy_task_models()
+    ms = dare(base, models, 0.5, seed=7) if method.startswith("DARE") else models
+
+    def direct(lam):
+        return task_arithmetic(base, ms, lam) if "Task Arith." in method else ties(base, ms, k=0.3, lam=lam)
+
+    target = direct(0.4)  # the score prefers the merge at lambda 0.4: minus its distance to it
+    def score(state):
+        return -float(sum(((state[k] - target[k]) ** 2).sum() for k in ("w", "b")))
+
+    state, lam, scores = tuned_baseline(method, base, models, score, lambdas=[1.0, 0.2, 0.4, 0.7], ties_k=0.3,
+                                        dare_p=0.5, seed=7)
+    assert lam == 0.4 and list(scores) == [0.2, 0.4, 0.7, 1.0] and scores[0.4] == pytest.approx(0.0, abs=1e-20)
+    for lam_ in (0.2, 0.7, 1.0):  # every baseline is linear in lambda: the grid's merges are the direct merges
+        other, _, _ = tuned_baseline(method, base, models, lambda s, l=lam_: -float(((s["w"] - direct(l)["w"]) ** 2).sum()),
+                                     lambdas=[0.2, 0.4, 0.7, 1.0], ties_k=0.3, dare_p=0.5, seed=7)
+        torch.testing.assert_close(other["w"], direct(lam_)["w"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state["b"], target["b"], rtol=1e-12, atol=1e-12)
+    assert torch.equal(state["step"], base["step"])
+
+
+def test_a_tie_in_the_tuning_score_keeps_the_smaller_lambda():
+    from modelmerge.experiments.supermerge import tuned_baseline
+
+    base, models = _toy_task_models()
+    _, lam, _ = tuned_baseline("Task Arith.", base, models, lambda s: 1.0, lambdas=[0.7, 0.3, 0.5], ties_k=0.2, dare_p=0.5,
+                               seed=0)
+    assert lam == 0.3
+    with pytest.raises(ValueError, match="method must be one of"):
+        tuned_baseline("Averaging", base, models, lambda s: 1.0, lambdas=[0.5], ties_k=0.2, dare_p=0.5, seed=0)
+
+
+def test_tuning_batches_are_a_seeded_subsample_of_validation_in_token_order(tiny_suite):
+    from types import SimpleNamespace
+
+    from modelmerge.experiments.suite import length_order, tuning_batches
+
+    root, data = tiny_suite
+    _, tokenizer = load_suite_model(str(root / "models/pretrained"), str(root / "heads"), TASKS)
+    frames = {t: eval_frame(data, t, "validation") for t in TASKS}
+    evaluator = SimpleNamespace(frames={"validation": frames}, tokenizer=tokenizer)
+    a = tuning_batches(evaluator, TASKS[:2], 5, seed=3, max_length=16, batch_size=2)
+    b = tuning_batches(evaluator, TASKS[:2], 5, seed=3, max_length=16, batch_size=2)
+    for t in TASKS[:2]:
+        ids = torch.cat([x["input_ids"].flatten() for x in a[t]])
+        assert torch.equal(ids, torch.cat([x["input_ids"].flatten() for x in b[t]]))  # seeded
+        lengths = [int(m.sum()) for x in a[t] for m in x["attention_mask"]]
+        assert len(lengths) == 5 and lengths == sorted(lengths)  # 5 examples, shortest first
+        labels = torch.cat([x["labels"] for x in a[t]]).tolist()
+        sub = frames[t].sample(n=5, random_state=3).sort_index()
+        assert sorted(labels) == sorted(sub["label"].tolist())
+        assert labels == sub["label"].to_numpy()[length_order(tokenizer, sub, 16)].tolist()
+    whole = tuning_batches(evaluator, TASKS[:1], 100, seed=3, max_length=16)  # more than there are: all of them
+    assert sum(len(x["labels"]) for x in whole[TASKS[0]]) == len(frames[TASKS[0]])

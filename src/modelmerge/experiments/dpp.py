@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from modelmerge.experiments.suite import batches_of, split_logits
+from modelmerge.experiments.suite import batch_correct, batches_of
 from modelmerge.merge import task_arithmetic, ties
 from modelmerge.select import dpp_kernel, exact_map, log_det, quality_scores, sample_dpp, similarity_matrix
 from modelmerge.statedict import scaled_update
@@ -292,9 +292,7 @@ class SubsetScores:
         """task -> 0/1 per example: ``state``'s (None: the state loaded last) argmax against the batches' labels."""
         if state is not None:
             self.evaluator.model.load_encoder_state(state)
-        logits = split_logits(self.evaluator.model, batches, bf16=self.bf16)
-        return {t: (lg.argmax(-1) == torch.cat([b["labels"] for b in batches[t]])).numpy().astype(np.float64)
-                for t, lg in logits.items()}
+        return batch_correct(self.evaluator.model, batches, bf16=self.bf16)
 
     def _accuracy(self, state: State | None, batches: Mapping[str, list]) -> dict[str, float]:
         """task -> accuracy of ``state`` (None: the state loaded last) against the labels the batches carry."""
@@ -315,21 +313,6 @@ class SubsetScores:
     def frame(self) -> pd.DataFrame:
         """Every scored merge, a row each."""
         return pd.DataFrame(list(self.rows.values()))
-
-
-def tuning_batches(evaluator, tasks: Sequence[str], examples: int, seed: int, max_length: int,
-                   batch_size: int = 64) -> dict[str, list]:
-    """task -> batches of a seeded subsample of ``examples`` validation examples (all when fewer), ordered by token
-    count: the data lambda and k are chosen on."""
-    from modelmerge.experiments.suite import length_order
-
-    out = {}
-    for t in tasks:
-        f = evaluator.frames["validation"][t]
-        f = f.sample(n=min(examples, len(f)), random_state=seed).sort_index()
-        out[t] = batches_of(evaluator.tokenizer, f.iloc[length_order(evaluator.tokenizer, f, max_length)], batch_size,
-                            max_length)
-    return out
 
 
 def perturbed_batches(tokenizer, frames: Mapping[str, pd.DataFrame], corruptions: Sequence[str], seed: int,

@@ -328,6 +328,26 @@ def split_logits(model: EncoderClassifier, batches: Mapping[str, list], bf16: bo
     return out
 
 
+def batch_correct(model: EncoderClassifier, batches: Mapping[str, list], bf16: bool = False) -> dict[str, np.ndarray]:
+    """task -> 1[argmax logits = label] per example, in the batches' order, against the labels the batches carry."""
+    logits = split_logits(model, batches, bf16=bf16)
+    return {t: (lg.argmax(-1) == torch.cat([b["labels"] for b in batches[t]])).numpy().astype(np.float64)
+            for t, lg in logits.items()}
+
+
+def tuning_batches(evaluator: SuiteEvaluator, tasks: Sequence[str], examples: int, seed: int, max_length: int,
+                   batch_size: int = 64) -> dict[str, list]:
+    """task -> batches of a seeded subsample of ``examples`` validation examples (all when fewer), ordered by token
+    count: the data a merge's hyperparameters are chosen on."""
+    out = {}
+    for t in tasks:
+        f = evaluator.frames["validation"][t]
+        f = f.sample(n=min(examples, len(f)), random_state=seed).sort_index()
+        out[t] = batches_of(evaluator.tokenizer, f.iloc[length_order(evaluator.tokenizer, f, max_length)], batch_size,
+                            max_length)
+    return out
+
+
 def suite_finetune(
     name: str, tasks: Sequence[str], pretrained_dir: str, heads_dir: str, data_dir: str, out_dir: str, *,
     train: Mapping, max_length: int, eval_batch_size: int = 64, threads: int = 1, seed: int = 0,

@@ -25,8 +25,9 @@ from torch.utils.flop_counter import flop_registry
 
 from modelmerge.cost import measure, pin_malloc_threshold
 from modelmerge.io import LazySafetensors, atomic_write_text, save_state_dict, tensor_info
+from modelmerge.merge import dare, task_arithmetic, ties
 from modelmerge.merge.learned import Chained, adamerging, hierarchical_merge, supermerge, tied_aliases
-from modelmerge.statedict import StateDict, strip_prefix
+from modelmerge.statedict import StateDict, scaled_update, strip_prefix
 
 #: the learned merges: file-name key -> how 004's tables name it
 LEARNED = {
@@ -319,6 +320,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     _learn(args)
 
+
+
+# --- the baselines, tuned on validation data, and every merge scored ----------------------------------------------
+
+def baseline_at_one(method: str, base: StateDict, models: Sequence[StateDict], *, ties_k: float, dare_p: float,
+                    seed: int) -> dict[str, Tensor]:
+    """A baseline at lambda = 1: theta_0 + sum_i tau_i (task arithmetic) or TIES's merged vector (k = ``ties_k``),
+    of DARE'd task models (drop ``dare_p``, masks seeded with ``seed``) for the "DARE + " rows."""
+    if method not in BASELINES:
+        raise ValueError(f"method must be one of {BASELINES}, got {method!r}")
+    if method.startswith("DARE"):
+        models = dare(base, list(models), dare_p, seed=seed)
+    return dict(task_arithmetic(base, models, 1.0) if "Task Arith." in method else ties(base, models, k=ties_k, lam=1.0))
+
+
+def tuned_baseline(method: str, base: StateDict, models: Sequence[StateDict], score, *, lambdas: Sequence[float],
+                   ties_k: float, dare_p: float, seed: int) -> tuple[dict[str, Tensor], float, dict[float, float]]:
+    """The baseline at the lambda maximising ``score(state)`` (ties: the smaller lambda), that lambda and every
+    lambda's score; every baseline is linear in lambda: theta(lambda) = theta_0 + lambda (theta(1) - theta_0)."""
+    from modelmerge.experiments.mats import choose_on_validation
+
+    at_one = baseline_at_one(method, base, models, ties_k=ties_k, dare_p=dare_p, seed=seed)
+    grid = {lam: scaled_update(base, at_one, lam) for lam in sorted(lambdas)}
+    best, scores = choose_on_validation(grid, score)
+    return grid[best], best, scores
+
+
+def state_correct(evaluator, state: Mapping[str, Tensor], batches: Mapping[str, list],
+                  bf16: bool = False) -> dict[str, np.ndarray]:
+    """task -> 1[argmax = label] per example of the encoder ``state`` with the evaluator's frozen heads, in the
+    batches' order (the same batches for every method, so scores pair up example by example)."""
+    from modelmerge.experiments.suite import batch_correct
+
+    evaluator.model.load_encoder_state(state)
+    return batch_correct(evaluator.model, batches, bf16=bf16)
 
 
 # --- 004's tables: rank (accuracy) ---------------------------------------------------------------------------------
