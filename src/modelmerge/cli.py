@@ -85,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``modelmerge`` console script; returns the exit status."""
     from pydantic import ValidationError
 
-    from modelmerge.recipe import RecipeError, _errors
+    from modelmerge.recipe import RecipeError, validation_message
 
     args = _parser().parse_args(argv)
     try:
         (_merge if args.command == "merge" else _curvature)(args)
     except ValidationError as err:  # command-line settings checked by the recipe's types
-        print(f"modelmerge {args.command}: error: {_errors(err)}", file=sys.stderr)
+        print(f"modelmerge {args.command}: error: {validation_message(err)}", file=sys.stderr)
         return 1
     except (RecipeError, MergeInputError, ValueError, OSError) as err:
         print(f"modelmerge {args.command}: error: {err}", file=sys.stderr)
