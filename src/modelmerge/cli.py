@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("out", type=Path, help="the .safetensors file to write")
     c.add_argument("--kind", choices=["fisher", "gram", "kfac"], default="fisher",
                    help="diagonal Fisher F_sum (default), RegMean Grams, or K-FAC factors")
-    c.add_argument("--task", choices=["causal_lm", "classification"], default="causal_lm")
+    c.add_argument("--task", choices=["causal_lm", "masked_lm", "classification"], default="causal_lm",
+                   help="the loss of the folder's own head (its config.json architecture)")
     c.add_argument("--fisher", choices=["empirical", "sampled", "exact"], default="empirical",
                    help="labels the squared gradients use: the data's, sampled from the model, or the expectation")
     c.add_argument("--column", default="text", help="the text column (default: text)")
@@ -60,7 +61,14 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _curvature(args: argparse.Namespace) -> None:
-    from modelmerge.recipe import CurvatureConfig, RecipeError, estimate_curvature, read_texts, resolve_model
+    from modelmerge.recipe import (
+        CurvatureConfig,
+        RecipeError,
+        check_curvature_head,
+        estimate_curvature,
+        read_texts,
+        resolve_model,
+    )
 
     source = resolve_model(str(args.model), "model", Path.cwd())
     if source.folder is None:
@@ -70,6 +78,7 @@ def _curvature(args: argparse.Namespace) -> None:
     settings = CurvatureConfig(kind=args.kind, column=args.column, label_column=args.label_column, task=args.task,
                                fisher=args.fisher, examples=args.examples, max_length=args.max_length,
                                batch_size=args.batch_size, seed=args.seed)
+    check_curvature_head(source, args.task, "model")  # the folder's own head gives the loss, names kept
     texts, _ = read_texts(args.data, args.column, args.label_column, args.examples, args.seed)
     print(f"{args.kind} of {source.folder} ({source.n_parameters():,} parameters) on {len(texts)} texts "
           f"of {args.data}, max length {args.max_length}, batch {args.batch_size}")

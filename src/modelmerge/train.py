@@ -88,6 +88,31 @@ def text_batches(
     return batches
 
 
+def masked_lm_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, *, probability: float = 0.15,
+                      seed: int = 0, by_length: bool = True) -> list[dict[str, Tensor]]:
+    """Masked-LM batches: each non-special token is replaced by the mask token with ``probability`` (seeded; at least
+    one per text), ``labels`` = the original token there and -100 elsewhere (BERT's objective, masks only)."""
+    if tokenizer.mask_token_id is None:
+        raise ValueError("the tokenizer has no mask token: it cannot make masked-LM batches")
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"probability must lie in (0, 1), got {probability}")
+    generator = torch.Generator().manual_seed(seed)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    out = []
+    for batch in text_batches(tokenizer, texts, None, batch_size, max_length, by_length=by_length):
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        candidate = (attention == 1) & ~torch.isin(ids, special)
+        draw = torch.rand(ids.shape, generator=generator)
+        masked = candidate & (draw < probability)
+        # a text with no masked token gets its candidate with the smallest draw (texts without any candidate: none)
+        first = torch.where(candidate, draw, torch.inf).argmin(-1)
+        none = ~masked.any(-1) & candidate.any(-1)
+        masked[none, first[none]] = True
+        out.append({"input_ids": ids.masked_fill(masked, tokenizer.mask_token_id), "attention_mask": attention,
+                    "labels": ids.masked_fill(~masked, -100)})
+    return out
+
+
 def mean_loss(model: nn.Module, batch: Mapping[str, Tensor], task: str) -> Tensor:
     """Mean over examples of the per-example NLL (a sequence's tokens summed for causal LMs)."""
     out = model(**{k: v for k, v in batch.items() if k != "labels"})

@@ -2,8 +2,10 @@
 
 Batches are dicts of tensors in the Hugging Face convention (``input_ids``, ``attention_mask``, ...,
 ``labels``); every key but ``labels`` is passed to the model, which must return ``.logits`` (or a tensor).
-Two tasks: ``"classification"`` (logits N x C, labels N) and ``"causal_lm"`` (logits N x S x V; each
-sequence's loss is the sum of its next-token losses, padding and ``labels == -100`` ignored).
+Three tasks: ``"classification"`` (logits N x C, labels N), ``"causal_lm"`` (logits N x S x V; each sequence's
+loss is the sum of its next-token losses, padding and ``labels == -100`` ignored) and ``"masked_lm"`` (logits
+N x S x V; the sum of the losses of the masked tokens, ``labels`` = the original token where masked, -100 elsewhere:
+``modelmerge.train.masked_lm_batches``).
 
 Diagonal Fisher (001 Sec. 3.3, 002 Eq. 2), with F_sum = sum_n g_n^2 kept together with N so that
 F_avg = F_sum / N is derived, g_n the gradient of example n's negative log-likelihood under
@@ -28,7 +30,7 @@ from modelmerge.curvature.base import KFAC, Curvature, Gram
 from modelmerge.curvature.hooks import LayerHooks, linear_layers, tied_parameter_ids
 from modelmerge.io import LazySafetensors, SafetensorsWriter
 
-TASKS = ("classification", "causal_lm")
+TASKS = ("classification", "causal_lm", "masked_lm")
 FISHERS = ("empirical", "sampled", "exact")
 
 
@@ -43,10 +45,11 @@ def _logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
 
 
 def label_targets(task: str, batch: Mapping[str, Tensor]) -> Tensor:
-    """The data's labels; for causal LMs, next tokens with padding and ignored positions set to -100."""
-    if task == "classification":
+    """The data's labels; for causal LMs, next tokens with padding and ignored positions set to -100; for masked
+    LMs, the batch's own labels (the original tokens where masked, -100 elsewhere)."""
+    if task in ("classification", "masked_lm"):
         if "labels" not in batch:
-            raise KeyError("classification batches need 'labels'")
+            raise KeyError(f"{task} batches need 'labels'" + (" (-100 where no token is masked)" if task == "masked_lm" else ""))
         return batch["labels"]
     labels = batch.get("labels", batch["input_ids"]).clone()
     if "attention_mask" in batch:

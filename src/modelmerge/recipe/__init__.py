@@ -32,8 +32,11 @@ from modelmerge.recipe.config import (
     validation_message,
 )
 from modelmerge.recipe.curvature import (
+    HEAD_TASKS,
     ScaledTensors,
+    architecture_task,
     check_curvature_file,
+    check_curvature_head,
     curvature_file_kind,
     estimate_curvature,
     load_curvature,
@@ -47,9 +50,9 @@ from modelmerge.recipe.select import dpp_select, hidden_states
 from modelmerge.recipe.sources import WEIGHT_FILE, ModelSource, ShardedSafetensors, check_compatible, resolve_model
 
 __all__ = [
-    "METHODS", "WEIGHT_FILE", "CurvatureConfig", "Dare", "Estimate", "Method", "ModelEntry", "ModelSource", "Plan",
-    "Recipe", "RecipeError", "ScaledTensors", "Select", "ShardedSafetensors", "check_columns", "check_compatible",
-    "check_curvature_file", "check_output", "curvature_file_kind", "dpp_select", "estimate_curvature",
+    "HEAD_TASKS", "METHODS", "WEIGHT_FILE", "CurvatureConfig", "Dare", "Estimate", "Method", "ModelEntry", "ModelSource", "Plan",
+    "Recipe", "RecipeError", "ScaledTensors", "Select", "ShardedSafetensors", "architecture_task", "check_columns", "check_compatible",
+    "check_curvature_file", "check_curvature_head", "check_output", "curvature_file_kind", "dpp_select", "estimate_curvature",
     "hidden_states", "load_curvature", "load_for_task", "load_recipe", "method_parameters", "model_card",
     "needs_fisher_fallback", "parameters_model", "plan_recipe", "read_texts", "resolve_model", "run_plan",
     "validate_recipe", "validation_message",

@@ -72,7 +72,8 @@ class Estimate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     column: str = "text"
     label_column: str | None = None  # classification: the column of integer labels
-    task: Literal["causal_lm", "classification"] = "causal_lm"
+    task: Literal["causal_lm", "masked_lm", "classification"] = "causal_lm"  # the loss of the folder's own head
+    mask_probability: float = Field(0.15, gt=0.0, lt=1.0)  # masked_lm: share of tokens masked (seeded)
     fisher: Literal["empirical", "sampled", "exact"] = "empirical"
     examples: PositiveInt | None = None  # a seeded subsample of this many texts (all when omitted)
     max_length: PositiveInt = 128

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from modelmerge.recipe.config import METHODS, CurvatureConfig, Recipe, RecipeError
-from modelmerge.recipe.curvature import check_curvature_file, needs_fisher_fallback
+from modelmerge.recipe.curvature import check_curvature_file, check_curvature_head, needs_fisher_fallback
 from modelmerge.recipe.data import check_columns
 from modelmerge.recipe.sources import ModelSource, check_compatible, resolve_model
 
@@ -118,6 +118,7 @@ def plan_recipe(recipe: Recipe, params: BaseModel, root: str | os.PathLike = "."
                     raise RecipeError(f"models[{i}].data: estimating curvature needs a model folder with config.json "
                                       f"and a tokenizer, not the bare file {e.model}")
                 cfg = recipe.curvature or CurvatureConfig()
+                check_curvature_head(models[i], cfg.task, f"models[{i}].data")
                 check_columns(root / e.data, f"models[{i}].data", cfg.column, cfg.label_column)
             data.append(root / e.data if e.data else None)
     if recipe.select is not None:
