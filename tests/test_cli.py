@@ -290,3 +290,95 @@ def test_hub_names_are_downloaded_and_an_unreachable_hub_is_a_clear_error(folder
     assert [c[0] for c in calls] == ["hub-org/base", "hub-org/math"] and "*.safetensors" in calls[0][1]
     bad(folders, tmp_path, capsys, {**recipe, "models": ["someone/missing"]},
         r"models\[0\]: 'someone/missing' is not a local path and the hub could not provide it \(OSError")
+
+
+def test_shards_are_cut_as_save_pretrained_cuts_and_a_tensor_larger_than_a_shard_is_refused():
+    from modelmerge.io import shard_names
+    from modelmerge.statedict import MergeInputError
+
+    f32 = torch.float32
+    layout = {"a": (f32, (10,)), "b": (f32, (5,)), "c": (f32, (20,)), "d": (f32, (1,)), "e": (f32, (4,))}  # 40 20 80 4 16 bytes
+    assert shard_names(layout, 80) == [["a", "b"], ["c"], ["d", "e"]]  # a new shard when the next would not fit
+    assert shard_names(layout, 10**9) == [list(layout)]
+    with pytest.raises(MergeInputError, match="'c'.*larger than the shard size"):
+        shard_names(layout, 79)
+
+
+def test_a_sharded_writer_round_trips_through_its_index(tmp_path):
+    import json
+
+    from modelmerge.io import ShardedSafetensorsWriter
+    from modelmerge.recipe import ShardedSafetensors
+
+    gen = torch.Generator().manual_seed(0)
+    state = {f"layer{i}.weight": torch.randn(8, 8, generator=gen) for i in range(5)} | {"step": torch.tensor([3])}
+    with ShardedSafetensorsWriter.like(state, tmp_path, max_shard_size=600, metadata={"format": "pt"}) as w:
+        for k in reversed(list(state)):  # any order
+            w[k] = state[k]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    # 256 bytes per weight, 8 for the step: two weights per 600-byte shard, the step beside the last weight
+    assert w.files == [f"model-0000{i}-of-00003.safetensors" for i in range(1, 4)]
+    assert index["weight_map"]["step"] == index["weight_map"]["layer4.weight"] == w.files[-1]
+    assert index["metadata"]["total_size"] == 5 * 256 + 8 and set(index["weight_map"]) == set(state)
+    back = ShardedSafetensors(tmp_path / "model.safetensors.index.json")
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    one = tmp_path / "one"
+    one.mkdir()
+    with ShardedSafetensorsWriter.like(state, one) as w:  # fits the default: one file, no index
+        for k, v in state.items():
+            w[k] = v
+    assert sorted(p.name for p in one.iterdir()) == ["model.safetensors"]
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    with pytest.raises(Exception, match="never written"), ShardedSafetensorsWriter.like(state, partial, 600) as w:
+        w["step"] = state["step"]
+    assert not any(p.suffix == ".json" for p in partial.iterdir())
+
+
+def test_a_sharded_merge_loads_with_from_pretrained_and_equals_the_unsharded_one(folders, tmp_path, capsys):
+    import transformers
+
+    recipe = folders / "ta.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": "base", "models": ["math", "code"],
+                                      "parameters": {"alphas": 0.7}}))
+    assert main(["merge", str(recipe), str(tmp_path / "one")]) == 0
+    assert main(["merge", str(recipe), str(tmp_path / "sharded"), "--shard-size", "20KB"]) == 0
+    files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files
+    assert sum(f.startswith("model-") for f in files) > 2
+    one = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    sharded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").state_dict()
+    assert one.keys() == sharded.keys() and all(torch.equal(one[k], sharded[k]) for k in one)
+    # a sharded folder is read back as an input, and a shard size below the largest tensor stops the dry run
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": "base", "models": [str(tmp_path / "sharded")]}))
+    assert main(["merge", str(recipe), str(tmp_path / "again"), "--dry-run"]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(recipe), str(tmp_path / "small"), "--dry-run", "--shard-size", "1KB"]) == 1
+    err = capsys.readouterr().err
+    assert "--shard-size" in err and "larger than the shard size 1,000" in err and not (tmp_path / "small").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing shard", "mismatched shard"])
+def test_a_shard_index_pointing_at_a_missing_or_mismatched_shard_is_named(folders, tmp_path, capsys, damage):
+    import json
+    import shutil
+
+    recipe = folders / "ta.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": "base", "models": ["math"]}))
+    assert main(["merge", str(recipe), str(tmp_path / "sharded"), "--shard-size", "20KB"]) == 0
+    model = tmp_path / "sharded"
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    if damage == "missing shard":
+        (model / shard).unlink()
+    else:
+        name = next(k for k, f in index["weight_map"].items() if f != shard)
+        index["weight_map"][name] = shard
+        (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copytree(folders / "base", tmp_path / "base")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": "base", "models": ["sharded"]}))
+    capsys.readouterr()
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert shard in err and ("not in" in err if damage == "missing shard" else "mismatched" in err)

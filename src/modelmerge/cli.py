@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from modelmerge.io import DEFAULT_SHARD_SIZE
 from modelmerge.statedict import MergeInputError
 
 
@@ -23,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true", help="check the recipe and print what would run; write nothing")
     m.add_argument("--device", default=None, help="where curvature is estimated (default: cuda if present, else cpu)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    m.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
+                   help=f"largest output shard, e.g. 5GB or 2GiB (default {DEFAULT_SHARD_SIZE}, as save_pretrained); "
+                        "a larger model is written as model-0000k-of-0000n.safetensors with its index")
 
     c = sub.add_parser("curvature", help="estimate a model's curvature on a local data file, once, for many merges")
     c.add_argument("model", type=Path, help="a Hugging Face model folder (config, tokenizer, safetensors weights)")
@@ -50,7 +54,7 @@ def _merge(args: argparse.Namespace) -> None:
 
     recipe, params = load_recipe(args.recipe)
     check_output(args.out_dir, args.overwrite)
-    plan = plan_recipe(recipe, params, root=args.recipe.resolve().parent)
+    plan = plan_recipe(recipe, params, root=args.recipe.resolve().parent, shard_size=args.shard_size)
     print(plan.describe())
     if args.dry_run:
         print("dry run: nothing written")

@@ -183,6 +183,121 @@ class SafetensorsWriter(MutableMapping):
             self.abort()
 
 
+#: transformers 5's ``save_pretrained(max_shard_size="50GB")``: below it, one model.safetensors
+DEFAULT_SHARD_SIZE = "50GB"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of a size given as an integer or as "5GB", "500MB", "2GiB" (transformers' and huggingface_hub's units)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        import re
+
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"shard size {size!r}: give bytes or a number with a unit (KB, MB, GB, GiB, ...)")
+        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if value <= 0:
+        raise ValueError(f"shard size must be positive, got {size!r}")
+    return value
+
+
+def shard_names(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[list[str]]:
+    """The layout's names, in order, cut into shards of at most ``max_bytes`` (a new shard when the next tensor would
+    not fit, as ``save_pretrained`` cuts); a tensor larger than ``max_bytes`` is refused."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, (dtype, shape) in layout.items():
+        nbytes = _numel(tuple(shape)) * torch.empty((), dtype=dtype).element_size()
+        if nbytes > max_bytes:
+            raise MergeInputError(name, f"{nbytes:,} bytes, larger than the shard size {max_bytes:,}: raise --shard-size")
+        if shards[-1] and used + nbytes > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+class ShardedSafetensorsWriter(MutableMapping):
+    """Streams a model into ``folder`` in the Hugging Face layout: ``model.safetensors`` when it fits one shard of
+    ``max_shard_size``, else ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json`` (what
+    ``from_pretrained`` reads). Each shard is a ``SafetensorsWriter`` (written in place, renamed when complete); the
+    index is written last."""
+
+    def __init__(self, folder: str | os.PathLike, layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 max_shard_size: int | str = DEFAULT_SHARD_SIZE, metadata: Mapping[str, str] | None = None):
+        self.folder = Path(folder)
+        shards = shard_names(layout, parse_size(max_shard_size))
+        n = len(shards)
+        files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._writers = [SafetensorsWriter(self.folder / f, {k: layout[k] for k in names}, metadata)
+                         for f, names in zip(files, shards)]
+        self._where = {k: w for w, names in zip(self._writers, shards) for k in names}
+        self._index = None if n == 1 else {
+            "metadata": {"total_size": sum(_numel(tuple(s)) * torch.empty((), dtype=d).element_size()
+                                           for d, s in layout.values())},
+            "weight_map": {k: f for f, names in zip(files, shards) for k in sorted(names)},
+        }
+
+    @classmethod
+    def like(cls, state: StateDict, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+             metadata: Mapping[str, str] | None = None) -> ShardedSafetensorsWriter:
+        """A writer for a model with the same names (in the same order), dtypes and shapes as ``state``."""
+        return cls(folder, {k: tensor_info(state, k) for k in state.keys()}, max_shard_size, metadata)
+
+    @property
+    def files(self) -> list[str]:
+        """The shard file names (one: model.safetensors)."""
+        return [w.path.name for w in self._writers]
+
+    def __setitem__(self, name: str, tensor: Tensor) -> None:
+        if name not in self._where:
+            raise MergeInputError(name, f"not in the layout of {self.folder}")
+        self._where[name][name] = tensor
+
+    def __getitem__(self, name: str) -> Tensor:
+        raise KeyError(f"{name}: the writer is write-only; load the folder with from_pretrained or LazySafetensors")
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("the writer cannot delete tensors")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(k for w in self._writers for k in w))
+
+    def __len__(self) -> int:
+        return sum(len(w) for w in self._writers)
+
+    def close(self) -> None:
+        """Finish every shard (each must be complete), then write the index."""
+        try:
+            for w in self._writers:
+                w.close()
+        except BaseException:
+            self.abort()
+            raise
+        if self._index is not None:
+            atomic_write_text(self.folder / "model.safetensors.index.json", json.dumps(self._index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        """Discard every shard not yet finished."""
+        for w in self._writers:
+            if not w._fh.closed:
+                w.abort()
+
+    def __enter__(self) -> ShardedSafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:

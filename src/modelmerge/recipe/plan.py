@@ -9,10 +9,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from modelmerge.io import DEFAULT_SHARD_SIZE, parse_size, shard_names, tensor_info
 from modelmerge.recipe.config import METHODS, CurvatureConfig, Recipe, RecipeError
 from modelmerge.recipe.curvature import check_curvature_file, check_curvature_head, needs_fisher_fallback
 from modelmerge.recipe.data import check_columns
 from modelmerge.recipe.sources import ModelSource, check_compatible, resolve_model
+from modelmerge.statedict import MergeInputError
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Plan:
     curvature_data: list[Path | None]
     base_curvature: float | Path | None
     recipe_root: Path = Path(".")
+    shard_size: int | str = DEFAULT_SHARD_SIZE  # the output's largest shard (bytes, or "5GB")
 
     def subset(self, chosen: list[int]) -> Plan:
         """The plan restricted to the models ``chosen`` (and their alphas and curvature)."""
@@ -36,12 +39,20 @@ class Plan:
             params.alphas = [alphas[i] for i in chosen]
         return Plan(self.recipe, params, self.base, [self.models[i] for i in chosen],
                     [self.curvature_files[i] for i in chosen], [self.curvature_data[i] for i in chosen],
-                    self.base_curvature, self.recipe_root)
+                    self.base_curvature, self.recipe_root, self.shard_size)
 
     @property
     def layout(self) -> ModelSource:
         """The model whose names, dtypes, config and tokenizer the output takes (the base, else the first model)."""
         return self.base or self.models[0]
+
+    def shards(self) -> list[list[str]]:
+        """The output's tensor names per shard (``shard_size``; a tensor larger than a shard is refused)."""
+        lay = self.layout.weights
+        try:
+            return shard_names({k: tensor_info(lay, k) for k in lay}, parse_size(self.shard_size))
+        except (MergeInputError, ValueError) as err:
+            raise RecipeError(f"--shard-size: {err}") from None
 
     def describe(self) -> str:
         """A human-readable account of the plan, with a peak-memory estimate."""
@@ -80,12 +91,15 @@ class Plan:
         if lay.folder is None:
             lines.append(f"note: {lay.label} is a bare .safetensors file: the output has no config or tokenizer and "
                          "does not load with from_pretrained until you add them")
-        lines.append(f"output: {n_params:,} parameters streamed to model.safetensors; peak memory estimate "
+        shards = self.shards()
+        where = "model.safetensors" if len(shards) == 1 else f"{len(shards)} shards of at most {self.shard_size} + index"
+        lines.append(f"output: {n_params:,} parameters streamed to {where}; peak memory estimate "
                      f"~{max(peak / 2**20, 0.1):.1f} MiB")
         return "\n".join(lines)
 
 
-def plan_recipe(recipe: Recipe, params: BaseModel, root: str | os.PathLike = ".") -> Plan:
+def plan_recipe(recipe: Recipe, params: BaseModel, root: str | os.PathLike = ".",
+                shard_size: int | str = DEFAULT_SHARD_SIZE) -> Plan:
     """Resolve every input of a validated recipe and check them against each other (headers only, no weights)."""
     root = Path(root)
     method = METHODS[recipe.method]
@@ -137,7 +151,9 @@ def plan_recipe(recipe: Recipe, params: BaseModel, root: str | os.PathLike = "."
             if not b >= 0:
                 raise RecipeError(f"curvature.base: H_0 = c I needs c >= 0, got {b}")
             base_curvature = float(b)
-    return Plan(recipe, params, base, models, files, data, base_curvature, root)
+    plan = Plan(recipe, params, base, models, files, data, base_curvature, root, shard_size)
+    plan.shards()  # a shard size below the largest tensor stops here, before any weight is read
+    return plan
 
 
 def check_output(out: Path, overwrite: bool = False) -> None:

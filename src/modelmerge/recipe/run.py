@@ -39,14 +39,15 @@ def model_card(plan: Plan, recipe_text: str) -> str:
 
 def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: str | None = None,
              overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Estimate what curvature is missing, merge parameter by parameter into ``out_dir/model.safetensors``, copy
+    """Estimate what curvature is missing, merge parameter by parameter into ``out_dir/model.safetensors`` (or
+    shards of ``plan.shard_size`` with their index), copy
     config and tokenizer, write the model card; all in a temporary folder renamed to ``out_dir`` at the end, so a
     failure leaves nothing behind."""
     import shutil
     import tempfile
 
     from modelmerge.curvature import Scalar
-    from modelmerge.io import SafetensorsWriter
+    from modelmerge.io import ShardedSafetensorsWriter
     from modelmerge.solve import ConjugateGradient
 
     out = Path(out_dir)
@@ -101,7 +102,7 @@ def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: s
             b = plan.base_curvature
             kwargs["base_curvature"] = load_curvature([b], cfg.scale) if isinstance(b, Path) else Scalar(b)
         meta = {"format": "pt", "modelmerge_method": recipe.method}  # "format": what transformers 4.x expects
-        with SafetensorsWriter.like(plan.layout.weights, tmp / "model.safetensors", metadata=meta) as writer:
+        with ShardedSafetensorsWriter.like(plan.layout.weights, tmp, plan.shard_size, metadata=meta) as writer:
             method.function(**kwargs, **params, out=writer)
         if plan.layout.folder is not None:
             for f in sorted(plan.layout.folder.iterdir()):

@@ -24,8 +24,18 @@ class ShardedSafetensors(Mapping):
     """A lazy state dict over a sharded checkpoint (``model.safetensors.index.json`` and its shards)."""
 
     def __init__(self, index: Path):
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise RecipeError(f"{index}: not a shard index with a weight_map ({type(err).__name__}: {err})") from None
+        missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
+        if missing:
+            raise RecipeError(f"{index} points at shard {missing[0]!r}, which is not in {index.parent} "
+                              f"({len(missing)} shard(s) missing)")
         self._files = {f: LazySafetensors(index.parent / f) for f in sorted(set(weight_map.values()))}
+        for name, f in weight_map.items():
+            if name not in self._files[f]:
+                raise RecipeError(f"{index} puts {name!r} in {f!r}, which does not hold it (a mismatched shard)")
         self._where = {k: self._files[f] for k, f in weight_map.items()}
 
     def __getitem__(self, name: str) -> Tensor:
