@@ -382,3 +382,19 @@ def test_a_shard_index_pointing_at_a_missing_or_mismatched_shard_is_named(folder
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert shard in err and ("not in" in err if damage == "missing shard" else "mismatched" in err)
+
+
+@pytest.mark.parametrize("recipe", [
+    {"method": "task_arithmetic", "base": "base", "models": ["math", "code"], "parameters": {"alphas": [0.6, 0.9]}},
+    {"method": "ties", "base": "base", "models": ["math", "code"], "parameters": {"k": 0.3}, "dare": {"p": 0.3}},
+    {"method": "weighted_average", "base": "base", "models": ["base", "math", "code"], "parameters": {"weights": [1, 2, 3]}},
+], ids=["task_arithmetic", "dare+ties", "weighted_average"])
+def test_the_commands_fast_path_writes_the_reference_drivers_bytes(folders, tmp_path, recipe):
+    path = folders / f"fast_{recipe['method']}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(path), str(tmp_path / "fast"), "--shard-size", "30KB"]) == 0
+    assert main(["merge", str(path), str(tmp_path / "reference"), "--shard-size", "30KB", "--reference"]) == 0
+    shards = sorted(p.name for p in (tmp_path / "fast").glob("model*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "reference").glob("model*.safetensors"))
+    for name in shards:
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()

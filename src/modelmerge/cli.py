@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true", help="check the recipe and print what would run; write nothing")
     m.add_argument("--device", default=None, help="where curvature is estimated (default: cuda if present, else cpu)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    m.add_argument("--reference", action="store_true",
+                   help="merge with the reference driver instead of the fast path of the elementwise methods "
+                        "(average, weighted_average, task_arithmetic, ties, with or without dare): the same bits, slower")
     m.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
                    help=f"largest output shard, e.g. 5GB or 2GiB (default {DEFAULT_SHARD_SIZE}, as save_pretrained); "
                         "a larger model is written as model-0000k-of-0000n.safetensors with its index")
@@ -60,7 +63,8 @@ def _merge(args: argparse.Namespace) -> None:
         print("dry run: nothing written")
         return
     start = time.perf_counter()
-    out = run_plan(plan, args.out_dir, args.recipe.read_text(), device=args.device, overwrite=args.overwrite)
+    out = run_plan(plan, args.out_dir, args.recipe.read_text(), device=args.device, overwrite=args.overwrite,
+                   fast=not args.reference)
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
 
 

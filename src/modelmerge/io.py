@@ -141,7 +141,7 @@ class SafetensorsWriter(MutableMapping):
             raise MergeInputError(
                 name, f"expected {dtype} {shape} for {self.path.name}, got {tensor.dtype} {tuple(tensor.shape)}"
             )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy: a view
         self._fh.seek(self._data_start + self._offsets[name])
         self._fh.write(data)
         self._written.add(name)

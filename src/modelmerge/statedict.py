@@ -33,6 +33,12 @@ def check_same_keys(base: StateDict, models: Sequence[StateDict], what: str = "m
             raise MergeInputError(extra[0], f"{what} {i} has it but the base model does not")
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Every entry finite: one reduction (a NaN or inf makes the sum NaN or inf), and the entrywise test only when
+    the sum itself is not finite (an overflow of finite values)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def check_tensor(name: str, tensor: Tensor, like: Tensor | None = None, label: str = "tensor") -> None:
     """A tensor must be finite and, if ``like`` is given, match its shape and dtype."""
     if not isinstance(tensor, Tensor):
@@ -44,7 +50,7 @@ def check_tensor(name: str, tensor: Tensor, like: Tensor | None = None, label: s
             )
         if tensor.dtype != like.dtype:
             raise MergeInputError(name, f"dtype mismatch: {label} is {tensor.dtype}, base is {like.dtype}")
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and not all_finite(tensor):
         n_bad = int((~torch.isfinite(tensor)).sum())
         raise MergeInputError(name, f"{label} has {n_bad} non-finite value(s) (NaN or inf)")
 

@@ -20,7 +20,10 @@ def weighted_average(
         raise MergeInputError(None, "weights sum to zero")
 
     def rule(name: str, ref: Tensor, thetas: list[Tensor]) -> Tensor:
-        return sum(wt * t for wt, t in zip(w, thetas)) / total
+        acc = w[0] * thetas[0]  # summed left to right, the order merge.fast keeps (bit for bit)
+        for wt, t in zip(w[1:], thetas[1:]):
+            acc = acc + wt * t
+        return acc / total
 
     return merge_parameters(models[0], models, rule, out=out, desc="weighted average")
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from modelmerge.statedict import MergeInputError, StateDict, check_same_keys, check_tensor, compute_dtype
+from modelmerge.statedict import MergeInputError, StateDict, all_finite, check_same_keys, check_tensor, compute_dtype
 
 #: merge one parameter: (name, base tensor, model tensors) -> merged tensor, all in the compute dtype
 ParameterRule = Callable[[str, Tensor, list[Tensor]], Tensor]
@@ -46,7 +46,7 @@ def merge_parameters(
             continue
         cd = compute_dtype(b.dtype)
         merged = rule(name, b.to(cd), [t.to(cd) for t in ts]).to(b.dtype)
-        if not bool(torch.isfinite(merged).all()):  # after the cast: a half-precision overflow counts too
+        if not all_finite(merged):  # after the cast: a half-precision overflow counts too
             raise MergeInputError(name, "merged tensor is not finite (check curvature and damping)")
         out[name] = merged
     return out

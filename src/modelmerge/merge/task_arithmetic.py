@@ -20,7 +20,10 @@ def task_arithmetic(
     a = check_alphas(alphas, len(models))
 
     def rule(name: str, theta0: Tensor, thetas: list[Tensor]) -> Tensor:
-        return theta0 + sum(at * (t - theta0) for at, t in zip(a, thetas))
+        acc = a[0] * (thetas[0] - theta0)  # summed left to right, the order merge.fast keeps (bit for bit)
+        for at, t in zip(a[1:], thetas[1:]):
+            acc = acc + at * (t - theta0)
+        return theta0 + acc
 
     return merge_parameters(base, models, rule, out=out, desc="task arithmetic")
 

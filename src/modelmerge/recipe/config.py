@@ -33,6 +33,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "average": Method(merge_rules.average, ("models",), uses_base=False),
+    "weighted_average": Method(merge_rules.weighted_average, ("models",), uses_base=False),
     "task_arithmetic": Method(merge_rules.task_arithmetic, ("base", "models")),
     "ties": Method(merge_rules.ties, ("base", "models")),
     "fisher_average": Method(merge_rules.fisher_average, ("models", "fishers"), "any", uses_base=False, solver=True),

@@ -38,9 +38,10 @@ def model_card(plan: Plan, recipe_text: str) -> str:
 
 
 def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: str | None = None,
-             overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
+             overwrite: bool = False, log: Callable[[str], None] = print, fast: bool = True) -> Path:
     """Estimate what curvature is missing, merge parameter by parameter into ``out_dir/model.safetensors`` (or
-    shards of ``plan.shard_size`` with their index), copy
+    shards of ``plan.shard_size`` with their index; the elementwise methods on the fast path unless ``fast`` is
+    False, with the same result bit for bit), copy
     config and tokenizer, write the model card; all in a temporary folder renamed to ``out_dir`` at the end, so a
     failure leaves nothing behind."""
     import shutil
@@ -48,6 +49,8 @@ def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: s
 
     from modelmerge.curvature import Scalar
     from modelmerge.io import ShardedSafetensorsWriter
+    from modelmerge.merge.fast import METHODS as FAST_METHODS
+    from modelmerge.merge.fast import fast_merge
     from modelmerge.solve import ConjugateGradient
 
     out = Path(out_dir)
@@ -57,10 +60,13 @@ def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: s
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         recipe, method = plan.recipe, METHODS[plan.recipe.method]
+        # the fast path of the elementwise methods reads memory-mapped inputs (the same bits as the reference)
+        fast = fast and recipe.method in FAST_METHODS
+        base_weights = None if plan.base is None else plan.base.mapped() if fast else plan.base.weights
+        weights: list[Mapping[str, Tensor]] = [m.mapped() if fast else m.weights for m in plan.models]
         # DARE masks are seeded by each model's place in the recipe, whatever the DPP keeps
-        weights: list[Mapping[str, Tensor]] = [m.weights for m in plan.models]
         if recipe.dare is not None:
-            weights = merge_rules.dare(plan.base.weights, weights, recipe.dare.p, recipe.dare.seed)
+            weights = merge_rules.dare(base_weights, weights, recipe.dare.p, recipe.dare.seed)
         chosen = list(range(len(plan.models)))
         if recipe.select is not None:
             chosen, report = dpp_select(plan, device)
@@ -85,7 +91,7 @@ def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: s
         if method.solver:
             kwargs["solver"] = ConjugateGradient(max_iter=iterations, preconditioner=preconditioner)
         if "base" in method.filled:
-            kwargs["base"] = plan.base.weights
+            kwargs["base"] = base_weights
         kwargs["models"] = [weights[i] for i in chosen]
         if recipe.method == "regmean":  # Grams, and the diagonal Fisher (if given) for what they do not cover
             kwargs["grams"] = [load_curvature(files[:1], cfg.scale) for files in curvature_paths]
@@ -103,7 +109,10 @@ def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: s
             kwargs["base_curvature"] = load_curvature([b], cfg.scale) if isinstance(b, Path) else Scalar(b)
         meta = {"format": "pt", "modelmerge_method": recipe.method}  # "format": what transformers 4.x expects
         with ShardedSafetensorsWriter.like(plan.layout.weights, tmp, plan.shard_size, metadata=meta) as writer:
-            method.function(**kwargs, **params, out=writer)
+            if fast:  # in-place chunks over memory-mapped inputs, written as they are produced
+                fast_merge(recipe.method, base_weights, kwargs["models"], writer, **params)
+            else:
+                method.function(**kwargs, **params, out=writer)
         if plan.layout.folder is not None:
             for f in sorted(plan.layout.folder.iterdir()):
                 if f.is_file() and not WEIGHT_FILE.search(f.name) and f.name != "README.md":

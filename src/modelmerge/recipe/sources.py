@@ -23,7 +23,7 @@ WEIGHT_FILE = re.compile(r"(^model(-\d+-of-\d+)?\.safetensors$)|(\.safetensors\.
 class ShardedSafetensors(Mapping):
     """A lazy state dict over a sharded checkpoint (``model.safetensors.index.json`` and its shards)."""
 
-    def __init__(self, index: Path):
+    def __init__(self, index: Path, reader=LazySafetensors):
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as err:
@@ -32,11 +32,12 @@ class ShardedSafetensors(Mapping):
         if missing:
             raise RecipeError(f"{index} points at shard {missing[0]!r}, which is not in {index.parent} "
                               f"({len(missing)} shard(s) missing)")
-        self._files = {f: LazySafetensors(index.parent / f) for f in sorted(set(weight_map.values()))}
+        self._files = {f: reader(index.parent / f) for f in sorted(set(weight_map.values()))}
         for name, f in weight_map.items():
             if name not in self._files[f]:
                 raise RecipeError(f"{index} puts {name!r} in {f!r}, which does not hold it (a mismatched shard)")
         self._where = {k: self._files[f] for k, f in weight_map.items()}
+        self.index = index
 
     def __getitem__(self, name: str) -> Tensor:
         return self._where[name][name]
@@ -60,6 +61,17 @@ class ModelSource:
     weights: Mapping[str, Tensor]
     folder: Path | None = None
     config: dict = field(default_factory=dict)
+
+    def mapped(self) -> Mapping[str, Tensor]:
+        """The same weights memory-mapped (``modelmerge.merge.fast.MappedSafetensors``): the fast path's reader."""
+        from modelmerge.merge.fast import MappedSafetensors
+
+        w = self.weights
+        if isinstance(w, ShardedSafetensors):
+            return ShardedSafetensors(w.index, reader=MappedSafetensors)
+        if isinstance(w, LazySafetensors):
+            return MappedSafetensors(w.path)
+        return w
 
     def n_parameters(self) -> int:
         return sum(math.prod(tensor_info(self.weights, k)[1]) for k in self.weights)
