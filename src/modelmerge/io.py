@@ -89,7 +89,20 @@ def tensor_info(state: StateDict, name: str) -> tuple[torch.dtype, tuple[int, ..
     return t.dtype, tuple(t.shape)
 
 
-class SafetensorsWriter(MutableMapping):
+class _Closing:
+    """``with writer:`` closes it (every tensor written, renamed into place) or, on an exception, aborts it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SafetensorsWriter(_Closing, MutableMapping):
     """Streams tensors into a safetensors file whose layout (names, dtypes, shapes) is fixed up front.
 
     ``writer[name] = tensor`` writes the bytes at once, in any order, so a merge never holds the whole
@@ -173,14 +186,6 @@ class SafetensorsWriter(MutableMapping):
             self._fh.close()
         self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 #: transformers 5's ``save_pretrained(max_shard_size="50GB")``: below it, one model.safetensors
@@ -222,7 +227,7 @@ def shard_names(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], max_b
     return shards
 
 
-class ShardedSafetensorsWriter(MutableMapping):
+class ShardedSafetensorsWriter(_Closing, MutableMapping):
     """Streams a model into ``folder`` in the Hugging Face layout: ``model.safetensors`` when it fits one shard of
     ``max_shard_size``, else ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json`` (what
     ``from_pretrained`` reads). Each shard is a ``SafetensorsWriter`` (written in place, renamed when complete); the
@@ -288,14 +293,6 @@ class ShardedSafetensorsWriter(MutableMapping):
             if not w._fh.closed:
                 w.abort()
 
-    def __enter__(self) -> ShardedSafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _numel(shape: tuple[int, ...]) -> int:
