@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -112,3 +114,40 @@ def test_streaming_global_threshold_equals_sorting_everything(k):
     models[0]["b"][:100] = base["b"][:100] + 0.5  # many exact ties
     expected = [_kth_largest(torch.cat([(m[n] - base[n]).abs().reshape(-1) for n in base]), k) for m in models]
     assert ties_thresholds(base, models, k) == expected
+
+
+def test_weighted_ties_by_hand_elects_by_weighted_mass_and_takes_the_weighted_mean():
+    taus = torch.tensor([[3.0, -1.0, 2.0], [-1.0, 2.0, 2.0], [1.0, 4.0, -3.0]], dtype=F64)
+    merged = ties_merge_tensor(taus, thresholds=[1.0, 1.0, 1.0], weights=[1.0, 4.0, 0.5])
+    # col 0: weighted mass 3 - 4 + 0.5 = -0.5 -> negative: only task 1 agrees -> -1
+    # col 1: mass -1 + 8 + 2 = 9 -> positive: tasks 1, 2 -> (4 * 2 + 0.5 * 4) / 4.5
+    # col 2: mass 2 + 8 - 1.5 = 8.5 -> positive: tasks 0, 1 -> (1 * 2 + 4 * 2) / 5 = 2
+    torch.testing.assert_close(merged, torch.tensor([-1.0, 10.0 / 4.5, 2.0], dtype=F64))
+    # equal weights are the unweighted TIES
+    gen = torch.Generator().manual_seed(0)
+    many = torch.randn(4, 50, generator=gen, dtype=F64)
+    torch.testing.assert_close(ties_merge_tensor(many, [0.5] * 4, weights=[2.5] * 4), ties_merge_tensor(many, [0.5] * 4))
+
+
+def test_per_task_fractions_and_drop_probabilities_are_each_tasks_own(models):
+    from modelmerge.merge.ties import Dare, ties_thresholds
+
+    base, tasks = models
+    assert ties_thresholds(base, tasks[:2], [0.1, 0.6]) == [ties_thresholds(base, [tasks[0]], 0.1)[0],
+                                                            ties_thresholds(base, [tasks[1]], 0.6)[0]]
+    mixed = ties(base, tasks[:2], k=[0.1, 0.6], scope="tensor")
+    for name in base:  # by hand: each task trimmed at its own per-tensor fraction, then the plain TIES
+        taus = torch.stack([t[name] - base[name] for t in tasks[:2]])
+        n = taus[0].numel()
+        keep = [max(1, math.ceil(k * n)) for k in (0.1, 0.6)]
+        thr = [0.0 if kp >= n else float(torch.kthvalue(taus[i].abs().flatten(), n - kp + 1).values)
+               for i, kp in enumerate(keep)]
+        torch.testing.assert_close(mixed[name], base[name] + ties_merge_tensor(taus, thr))
+    wrapped = dare(base, tasks[:2], [0.2, 0.7], seed=5)
+    for i, (p, t) in enumerate(zip([0.2, 0.7], tasks[:2])):
+        direct = Dare(base, t, p, 5, i)
+        assert all(torch.equal(wrapped[i][name], direct[name]) for name in base)
+    with pytest.raises(Exception, match="3 values for 2 models"):
+        dare(base, tasks[:2], [0.1, 0.2, 0.3])
+    with pytest.raises(Exception, match="positive"):
+        ties(base, tasks[:2], weights=[1.0, 0.0])

@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from modelmerge.files import read_safetensors_header
-from modelmerge.merge.ties import _kth_largest, ties_merge_tensor, ties_thresholds
+from modelmerge.merge.ties import _kth_largest, fractions, ties_merge_tensor, ties_thresholds
 from modelmerge.statedict import MergeInputError, StateDict, all_finite, check_alphas, check_same_keys, compute_dtype
 
 #: the methods of this path and the reference function each reproduces
@@ -140,7 +140,7 @@ def fast_merge(
     *,
     alphas: Sequence[float] | float = 1.0,
     weights: Sequence[float] | None = None,
-    k: float = 0.2,
+    k: float | Sequence[float] = 0.2,
     lam: float = 1.0,
     scope: str = "model",
     chunk: int = CHUNK,
@@ -149,7 +149,7 @@ def fast_merge(
 ) -> MutableMapping[str, Tensor]:
     """``method``'s merge written to ``out`` parameter by parameter, equal bit for bit to the library function of the
     same name (``average``, ``weighted_average``: ``weights``; ``task_arithmetic``: ``alphas``; ``ties``: ``k``,
-    ``lam``, ``scope``) on the same inputs (DARE'd models included). ``base`` gives the layout for the averages.
+    ``lam``, ``scope``, ``weights``) on the same inputs (DARE'd models included). ``base`` gives the layout for the averages.
     ``threads`` (default: torch's thread count) workers each merge every ``threads``-th chunk of a parameter, with
     torch single-threaded inside them (restored after), while another thread writes the previous parameter."""
     if method not in METHODS:
@@ -170,8 +170,11 @@ def fast_merge(
     elif method == "task_arithmetic":
         a = check_alphas(alphas, n)
     else:
-        if not 0.0 < k <= 1.0:
-            raise MergeInputError(None, f"k (fraction kept) must be in (0, 1], got {k}")
+        k = fractions(k, n)
+        if weights is not None:
+            weights = check_alphas(weights, n, name="weights")
+            if min(weights) <= 0:
+                raise MergeInputError(None, f"TIES weights must be positive, got {weights}")
         if scope not in ("model", "tensor"):
             raise MergeInputError(None, f"scope must be 'model' or 'tensor', got {scope!r}")
     uses_base = method in ("task_arithmetic", "ties")
@@ -180,7 +183,8 @@ def fast_merge(
     global_thr = ties_thresholds(base, models, k) if method == "ties" and scope == "model" else None
     mapped = [s for m in [ref, *models] for s in _sources(m)]
     names = list(ref.keys())
-    settings = {"a": a, "w": w, "total": total, "k": k, "lam": lam, "global_thr": global_thr, "uses_base": uses_base}
+    settings = {"a": a, "w": w, "total": total, "k": k, "lam": lam, "global_thr": global_thr, "uses_base": uses_base,
+                "ties_weights": weights if method == "ties" else None}
     threads = max(1, threads or torch.get_num_threads())
     buffers: list[dict] = [{} for _ in range(threads)]  # per worker, per compute dtype: allocated once
     writer = _Writer(out)
@@ -225,7 +229,7 @@ def _merge_one(name: str, b: Tensor, ts: list[Tensor], method: str, buffers: lis
     flat0, flats = b.reshape(-1), [t.reshape(-1) for t in ts]
     thr = p["global_thr"]
     if method == "ties" and thr is None:
-        thr = [_kth_largest((t.to(cd) - b.to(cd)).abs().reshape(-1), p["k"]) for t in ts]
+        thr = [_kth_largest((t.to(cd) - b.to(cd)).abs().reshape(-1), kt) for t, kt in zip(ts, p["k"])]
     labels = (["base model"] if p["uses_base"] else []) + [f"model {j}" for j in range(n)]
     starts = list(range(0, flat0.numel(), chunk))
     workers = 1 if pool is None else min(len(buffers), len(starts))
@@ -254,7 +258,7 @@ def _merge_one(name: str, b: Tensor, ts: list[Tensor], method: str, buffers: lis
                     torch.sub(x, b_c, out=taus[j])
                 if not all_finite(taus):  # TIES trims a NaN away: check what it reads
                     _name_bad_input(name, [flat0, *flats], labels)
-                torch.add(b_c, p["lam"] * ties_merge_tensor(taus, thr), out=dst)
+                torch.add(b_c, p["lam"] * ties_merge_tensor(taus, thr, p["ties_weights"]), out=dst)
             else:  # sum_t w_t theta_t / sum_t w_t, summed left to right
                 w = p["w"]
                 torch.mul(t_c[0], w[0], out=acc)

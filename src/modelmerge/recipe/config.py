@@ -9,7 +9,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, field_validator
 
@@ -114,7 +114,7 @@ class Dare(BaseModel):
     """DARE (drop and rescale) applied to every task vector before the method merges them."""
 
     model_config = ConfigDict(extra="forbid")
-    p: float = Field(ge=0.0, lt=1.0)
+    p: Annotated[float, Field(ge=0.0, lt=1.0)] | list[Annotated[float, Field(ge=0.0, lt=1.0)]]  # one, or one per model
     seed: int = 0
 
 
@@ -201,7 +201,7 @@ def validate_recipe(raw: Any) -> tuple[Recipe, BaseModel]:
     except ValidationError as err:
         raise RecipeError(validation_message(err, "parameters.")) from None
     n = len(recipe.models)
-    for key in ("alphas",):
+    for key in ("alphas", "weights", "k"):
         value = getattr(params, key, None)
         if isinstance(value, (list, tuple)) and len(value) != n:
             raise RecipeError(f"parameters.{key}: {len(value)} values for {n} models (one per model, or one number)")
@@ -215,6 +215,8 @@ def validate_recipe(raw: Any) -> tuple[Recipe, BaseModel]:
             raise RecipeError(f"select.k: cannot select {sel.k} of {n} models")
     if method.uses_base and recipe.base is None:
         raise RecipeError(f"base: {recipe.method} merges task vectors theta_t - theta_0 and needs the base model")
+    if recipe.dare is not None and isinstance(recipe.dare.p, list) and len(recipe.dare.p) != n:
+        raise RecipeError(f"dare.p: {len(recipe.dare.p)} values for {n} models (one per model, or one number)")
     if recipe.dare is not None and not method.uses_base:
         raise RecipeError(f"dare: DARE drops task-vector entries; {recipe.method} merges whole models (no base)")
     entries = recipe.entries()
