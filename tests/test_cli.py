@@ -232,7 +232,7 @@ def test_every_bad_input_is_refused_by_name_and_leaves_nothing(folders, tmp_path
 
 def test_recipe_parameters_are_the_library_signatures():
     # the CLI cannot drift from the library: each method's parameters are its function's keyword arguments
-    assert set(method_parameters("ties")) == {"k", "lam", "scope", "weights"}
+    assert set(method_parameters("ties")) == {"k", "lam", "scope", "weights", "normalize"}
     assert set(method_parameters("gradient_matching")) == {"alphas", "delta", "cg_iterations", "cg_preconditioner"}
     assert set(method_parameters("regmean")) == {"offdiag_scale"}
     assert method_parameters("ties")["k"][1] == 0.2  # the library's default

@@ -45,6 +45,10 @@ CASES = {
     "task_arithmetic": (lambda base, ms: task_arithmetic(base, ms, [0.3, -0.7, 1.1]), {"alphas": [0.3, -0.7, 1.1]}),
     "ties": (lambda base, ms: ties(base, ms, k=0.3, lam=0.8), {"k": 0.3, "lam": 0.8}),
     "ties/tensor": (lambda base, ms: ties(base, ms, k=0.5, lam=1.2, scope="tensor"), {"k": 0.5, "lam": 1.2, "scope": "tensor"}),
+    "ties/weighted": (lambda base, ms: ties(base, ms, k=[0.3, 0.6, 1.0], weights=[1.0, 2.5, 0.5], scope="tensor"),
+                      {"k": [0.3, 0.6, 1.0], "weights": [1.0, 2.5, 0.5], "scope": "tensor"}),
+    "ties/sum": (lambda base, ms: ties(base, ms, k=1.0, weights=[0.7, 0.2, 0.4], normalize=False),
+                 {"k": 1.0, "weights": [0.7, 0.2, 0.4], "normalize": False}),
 }
 
 

@@ -151,3 +151,9 @@ def test_per_task_fractions_and_drop_probabilities_are_each_tasks_own(models):
         dare(base, tasks[:2], [0.1, 0.2, 0.3])
     with pytest.raises(Exception, match="positive"):
         ties(base, tasks[:2], weights=[1.0, 0.0])
+
+
+def test_ties_without_normalising_sums_the_agreeing_weighted_entries():
+    taus = torch.tensor([[3.0, -1.0, 2.0], [-1.0, 2.0, 2.0], [1.0, 4.0, -3.0]], dtype=F64)
+    merged = ties_merge_tensor(taus, thresholds=[1.0, 1.0, 1.0], weights=[1.0, 4.0, 0.5], normalize=False)
+    torch.testing.assert_close(merged, torch.tensor([-4.0, 10.0, 10.0], dtype=F64))  # see the weighted test above

@@ -143,13 +143,15 @@ def fast_merge(
     k: float | Sequence[float] = 0.2,
     lam: float = 1.0,
     scope: str = "model",
+    normalize: bool = True,
     chunk: int = CHUNK,
     threads: int | None = None,
     progress: bool = True,
 ) -> MutableMapping[str, Tensor]:
     """``method``'s merge written to ``out`` parameter by parameter, equal bit for bit to the library function of the
     same name (``average``, ``weighted_average``: ``weights``; ``task_arithmetic``: ``alphas``; ``ties``: ``k``,
-    ``lam``, ``scope``, ``weights``) on the same inputs (DARE'd models included). ``base`` gives the layout for the averages.
+    ``lam``, ``scope``, ``weights``, ``normalize``) on the same inputs (DARE'd models included). ``base`` gives the
+    layout for the averages.
     ``threads`` (default: torch's thread count) workers each merge every ``threads``-th chunk of a parameter, with
     torch single-threaded inside them (restored after), while another thread writes the previous parameter."""
     if method not in METHODS:
@@ -184,7 +186,7 @@ def fast_merge(
     mapped = [s for m in [ref, *models] for s in _sources(m)]
     names = list(ref.keys())
     settings = {"a": a, "w": w, "total": total, "k": k, "lam": lam, "global_thr": global_thr, "uses_base": uses_base,
-                "ties_weights": weights if method == "ties" else None}
+                "ties_weights": weights if method == "ties" else None, "normalize": normalize}
     threads = max(1, threads or torch.get_num_threads())
     buffers: list[dict] = [{} for _ in range(threads)]  # per worker, per compute dtype: allocated once
     writer = _Writer(out)
@@ -258,7 +260,7 @@ def _merge_one(name: str, b: Tensor, ts: list[Tensor], method: str, buffers: lis
                     torch.sub(x, b_c, out=taus[j])
                 if not all_finite(taus):  # TIES trims a NaN away: check what it reads
                     _name_bad_input(name, [flat0, *flats], labels)
-                torch.add(b_c, p["lam"] * ties_merge_tensor(taus, thr, p["ties_weights"]), out=dst)
+                torch.add(b_c, p["lam"] * ties_merge_tensor(taus, thr, p["ties_weights"], p["normalize"]), out=dst)
             else:  # sum_t w_t theta_t / sum_t w_t, summed left to right
                 w = p["w"]
                 torch.mul(t_c[0], w[0], out=acc)

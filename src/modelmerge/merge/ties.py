@@ -60,7 +60,8 @@ def ties_thresholds(base: StateDict, models: Sequence[StateDict], k: float | Seq
     return out
 
 
-def ties_merge_tensor(taus: Tensor, thresholds: Sequence[float], weights: Sequence[float] | None = None) -> Tensor:
+def ties_merge_tensor(taus: Tensor, thresholds: Sequence[float], weights: Sequence[float] | None = None,
+                      normalize: bool = True) -> Tensor:
     """TIES on stacked task vectors (T x ...): trim, elect, disjoint mean; returns the merged task vector.
 
     1. trim: keep entries with |tau_t| >= threshold_t (entries tied with the threshold are all kept);
@@ -68,23 +69,26 @@ def ties_merge_tensor(taus: Tensor, thresholds: Sequence[float], weights: Sequen
        that sum is exactly 0, the sign held by more tasks' non-zero entries; where those counts tie too, no sign
        is elected and the entry stays 0;
     3. disjoint mean: sum_t w_t tau_t / sum_t w_t over the non-zero trimmed entries whose sign agrees with the
-       elected one (0 if none); without weights, their plain mean.
+       elected one (0 if none); without weights, their plain mean; ``normalize=False``: their sum sum_t w_t tau_t
+       (mergekit's ``normalize: false``, the default of its ``dare_ties``).
     """
     shape = (-1, *([1] * (taus.ndim - 1)))
     thr = torch.tensor(thresholds, dtype=taus.dtype, device=taus.device).reshape(shape)
     trimmed = torch.where(taus.abs() >= thr, taus, torch.zeros_like(taus))
     signs = torch.sign(trimmed)
-    if weights is None:
+    if weights is None and normalize:
         elected = torch.sign(trimmed.sum(0))
         elected = torch.where(elected == 0, torch.sign(signs.sum(0)), elected)
         agree = (signs == elected) & (signs != 0)
         count = agree.sum(0)
         return torch.where(count > 0, (trimmed * agree).sum(0) / count.clamp_min(1), torch.zeros_like(elected))
-    w = torch.tensor(weights, dtype=taus.dtype, device=taus.device).reshape(shape)
+    w = torch.tensor([1.0] * len(taus) if weights is None else weights, dtype=taus.dtype, device=taus.device).reshape(shape)
     scaled = trimmed * w
     elected = torch.sign(scaled.sum(0))
     elected = torch.where(elected == 0, torch.sign(signs.sum(0)), elected)
     agree = (signs == elected) & (signs != 0)
+    if not normalize:
+        return (scaled * agree).sum(0)
     mass = (w * agree).sum(0)
     return torch.where(mass > 0, (scaled * agree).sum(0) / torch.where(mass > 0, mass, 1), torch.zeros_like(elected))
 
@@ -107,9 +111,11 @@ def ties(
     lam: float = 1.0,
     scope: str = "model",
     weights: Sequence[float] | None = None,
+    normalize: bool = True,
     out: MutableMapping[str, Tensor] | None = None,
 ) -> MutableMapping[str, Tensor]:
-    """theta = theta_0 + lam * TIES(tau_1..tau_T) (see ``ties_merge_tensor``).
+    """theta = theta_0 + lam * TIES(tau_1..tau_T) (see ``ties_merge_tensor``; ``normalize=False``: the agreeing
+    entries summed, not averaged).
 
     ``k`` is the fraction of entries each task keeps (one, or one per task): over the whole model
     (``scope="model"``, TIES' default; one extra pass over the inputs finds the thresholds) or within every tensor
@@ -136,7 +142,7 @@ def ties(
         for s in range(0, flat0.numel(), CHUNK):
             e = min(s + CHUNK, flat0.numel())
             taus = torch.stack([f[s:e] - flat0[s:e] for f in flats])
-            out[s:e] = flat0[s:e] + lam * ties_merge_tensor(taus, thr, weights)
+            out[s:e] = flat0[s:e] + lam * ties_merge_tensor(taus, thr, weights, normalize)
         return out.reshape(theta0.shape)
 
     return merge_parameters(base, models, rule, out=out, desc="TIES")

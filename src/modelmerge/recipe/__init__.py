@@ -10,9 +10,10 @@ merged parameter by parameter into a Hugging Face model folder (``modelmerge mer
     parameters: {alphas: [1.0, 1.0]}  # the method's own keyword arguments, checked against its signature
     curvature: {kind: fisher, scale: sum, base: 1.0e-4, examples: 256, max_length: 128}
 
-The package holds one concern per module: ``config`` (the schema and the checks that need no file), ``sources``
-(reading input models), ``data`` (local data files), ``curvature`` (curvature files and estimation), ``select``
-(003's DPP selection), ``plan`` (a recipe resolved and checked: what the dry run prints) and ``run`` (the merge).
+The package holds one concern per module: ``config`` (the schema and the checks that need no file), ``mergekit``
+(mergekit configurations translated), ``sources`` (reading input models), ``data`` (local data files),
+``curvature`` (curvature files and estimation), ``select`` (003's DPP selection), ``plan`` (a recipe resolved and
+checked: what the dry run prints) and ``run`` (the merge).
 """
 
 from modelmerge.recipe.config import (

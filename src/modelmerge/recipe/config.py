@@ -146,6 +146,8 @@ class Recipe(BaseModel):
     curvature: CurvatureConfig | None = None
     dare: Dare | None = None
     select: Select | None = None
+    # the output's floating-point dtype (default: the base's); the merge itself runs in float32 or wider either way
+    dtype: Literal["float16", "bfloat16", "float32", "float64"] | None = None
 
     def entries(self) -> list[ModelEntry]:
         """The task models as entries (a bare string is a model without curvature)."""
@@ -253,9 +255,12 @@ def validate_recipe(raw: Any) -> tuple[Recipe, BaseModel]:
     return recipe, params
 
 
-def load_recipe(path: str | os.PathLike) -> tuple[Recipe, BaseModel]:
-    """Read and validate a YAML recipe (see ``validate_recipe``)."""
+def load_recipe(path: str | os.PathLike, log: Callable[[str], None] = print) -> tuple[Recipe, BaseModel]:
+    """Read and validate a YAML recipe (see ``validate_recipe``); a mergekit configuration (``merge_method:``) is
+    translated first, and ``log`` says how (``modelmerge.recipe.mergekit``)."""
     import yaml
+
+    from modelmerge.recipe.mergekit import is_mergekit, translate
 
     path = Path(path)
     if not path.is_file():
@@ -264,4 +269,8 @@ def load_recipe(path: str | os.PathLike) -> tuple[Recipe, BaseModel]:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"{path} is not valid YAML: {err}") from None
+    if is_mergekit(raw):
+        raw, notes = translate(raw)
+        for line in notes:
+            log(line)
     return validate_recipe(raw)

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel
 
 from modelmerge.io import DEFAULT_SHARD_SIZE, parse_size, shard_names, tensor_info
@@ -46,11 +47,18 @@ class Plan:
         """The model whose names, dtypes, config and tokenizer the output takes (the base, else the first model)."""
         return self.base or self.models[0]
 
+    def output_layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Name -> (dtype, shape) of the output: the layout model's, floating-point tensors in the recipe's dtype."""
+        lay, dtype = self.layout.weights, self.recipe.dtype
+        out = {k: tensor_info(lay, k) for k in lay}
+        if dtype is None:
+            return out
+        return {k: (getattr(torch, dtype) if d.is_floating_point else d, shape) for k, (d, shape) in out.items()}
+
     def shards(self) -> list[list[str]]:
         """The output's tensor names per shard (``shard_size``; a tensor larger than a shard is refused)."""
-        lay = self.layout.weights
         try:
-            return shard_names({k: tensor_info(lay, k) for k in lay}, parse_size(self.shard_size))
+            return shard_names(self.output_layout(), parse_size(self.shard_size))
         except (MergeInputError, ValueError) as err:
             raise RecipeError(f"--shard-size: {err}") from None
 
@@ -61,6 +69,8 @@ class Plan:
         lines = [f"method: {r.method}", f"parameters: {self.params.model_dump()}"]
         if r.dare:
             lines.append(f"DARE on every task vector: p = {r.dare.p}, seed = {r.dare.seed}")
+        if r.dtype:
+            lines.append(f"output dtype: {r.dtype} (merged in float32 or wider, cast once at the end)")
         for src in ([self.base] if self.base else []) + self.models:
             where = src.folder or src.spec
             lines.append(f"{src.label}: {where} ({len(src.weights)} tensors, {n_params:,} parameters)")

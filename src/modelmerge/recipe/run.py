@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,28 @@ def model_card(plan: Plan, recipe_text: str) -> str:
         f"## Inputs\n\n{inputs}\n\n## Recipe\n\n```yaml\n{recipe_text.strip()}\n```\n\n"
         f"## What ran\n\n```\n{plan.describe()}\n```\n"
     )
+
+
+class CastTo(MutableMapping):
+    """Writes floating-point tensors to ``out`` cast to ``dtype`` (a recipe's output dtype); others as they are."""
+
+    def __init__(self, out: MutableMapping[str, Tensor], dtype: torch.dtype):
+        self.out, self.dtype = out, dtype
+
+    def __setitem__(self, name: str, tensor: Tensor) -> None:
+        self.out[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.out[name]
+
+    def __delitem__(self, name: str) -> None:
+        del self.out[name]
+
+    def __iter__(self):
+        return iter(self.out)
+
+    def __len__(self) -> int:
+        return len(self.out)
 
 
 def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: str | None = None,
@@ -108,11 +130,12 @@ def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: s
             b = plan.base_curvature
             kwargs["base_curvature"] = load_curvature([b], cfg.scale) if isinstance(b, Path) else Scalar(b)
         meta = {"format": "pt", "modelmerge_method": recipe.method}  # "format": what transformers 4.x expects
-        with ShardedSafetensorsWriter.like(plan.layout.weights, tmp, plan.shard_size, metadata=meta) as writer:
+        with ShardedSafetensorsWriter(tmp, plan.output_layout(), plan.shard_size, metadata=meta) as writer:
+            target = writer if recipe.dtype is None else CastTo(writer, getattr(torch, recipe.dtype))
             if fast:  # in-place chunks over memory-mapped inputs, written as they are produced
-                fast_merge(recipe.method, base_weights, kwargs["models"], writer, **params)
+                fast_merge(recipe.method, base_weights, kwargs["models"], target, **params)
             else:
-                method.function(**kwargs, **params, out=writer)
+                method.function(**kwargs, **params, out=target)
         if plan.layout.folder is not None:
             for f in sorted(plan.layout.folder.iterdir()):
                 if f.is_file() and not WEIGHT_FILE.search(f.name) and f.name != "README.md":
