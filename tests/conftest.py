@@ -30,3 +30,20 @@ def models(gen):
 def fishers(gen):
     """Positive diagonal curvatures, one per task model."""
     return [{k: torch.rand(s, generator=gen, dtype=torch.float64) + 0.1 for k, s in SHAPES.items()} for _ in range(3)]
+
+
+def make_llama_folders(root, texts, vocab_size: int = 64, names=("base", "math", "code")):
+    """Tiny llama folders under ``root``: the first is the base, each other one the base plus a seeded task vector."""
+    from modelmerge.models import tiny_model, train_tokenizer
+
+    tok = train_tokenizer(texts, vocab_size=vocab_size)
+    for i, name in enumerate(names):
+        model = tiny_model("llama", tok.vocab_size, task="causal_lm", seed=0)
+        if i:
+            gen = torch.Generator().manual_seed(i)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.02 * torch.randn(p.shape, generator=gen))
+        model.save_pretrained(root / name, safe_serialization=True)
+        tok.save_pretrained(root / name)
+    return root

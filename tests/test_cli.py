@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import make_llama_folders
 
 from modelmerge.cli import main
 from modelmerge.models import tiny_model, train_tokenizer
@@ -32,17 +33,7 @@ def readme_recipe() -> str:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """base/, math/, code/ (tiny llamas: the base plus a seeded task vector each) and their data files."""
-    root = tmp_path_factory.mktemp("models")
-    tok = train_tokenizer(TEXTS, vocab_size=64)
-    for i, name in enumerate(["base", "math", "code"]):
-        model = tiny_model("llama", tok.vocab_size, task="causal_lm", seed=0)
-        if i:
-            gen = torch.Generator().manual_seed(i)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.02 * torch.randn(p.shape, generator=gen))
-        model.save_pretrained(root / name, safe_serialization=True)
-        tok.save_pretrained(root / name)
+    root = make_llama_folders(tmp_path_factory.mktemp("models"), TEXTS)
     pd.DataFrame({"text": TEXTS[:20]}).to_csv(root / "math.csv", index=False)
     pd.DataFrame({"text": TEXTS[20:]}).to_csv(root / "code.csv", index=False)
     return root

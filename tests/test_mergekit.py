@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 import yaml
+from conftest import make_llama_folders
 
 from modelmerge.cli import main
 from modelmerge.io import load_state_dict
 from modelmerge.merge import dare, task_arithmetic, ties, weighted_average
-from modelmerge.models import tiny_model, train_tokenizer
 
 warnings.filterwarnings("ignore", message=".*token_id.*")
 TEXTS = [f"word{i % 7} word{(3 * i) % 11} end" for i in range(20)]
@@ -20,18 +20,7 @@ TEXTS = [f"word{i % 7} word{(3 * i) % 11} end" for i in range(20)]
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mergekit")
-    tok = train_tokenizer(TEXTS, vocab_size=48)
-    for i, name in enumerate(["base", "math", "code"]):
-        model = tiny_model("llama", tok.vocab_size, task="causal_lm", seed=0)
-        if i:
-            gen = torch.Generator().manual_seed(i)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.02 * torch.randn(p.shape, generator=gen))
-        model.save_pretrained(root / name, safe_serialization=True)
-        tok.save_pretrained(root / name)
-    return root
+    return make_llama_folders(tmp_path_factory.mktemp("mergekit"), TEXTS, vocab_size=48)
 
 
 def weights_of(folder):
