@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("recipe", type=Path, help="the YAML recipe (method, base, models, parameters, curvature)")
     m.add_argument("out_dir", type=Path, help="the merged model folder to write (must not exist or be empty)")
     m.add_argument("--dry-run", action="store_true", help="check the recipe and print what would run; write nothing")
-    m.add_argument("--device", default=None, help="where curvature is estimated (default: cuda if present, else cpu)")
+    m.add_argument("--device", default=None,
+                   help="where curvature is estimated (default: cuda if present, else cpu) and where the elementwise "
+                        "methods' arithmetic runs (default: cpu; the other methods merge on the cpu)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     m.add_argument("--reference", action="store_true",
                    help="merge with the reference driver instead of the fast path of the elementwise methods "

@@ -146,6 +146,7 @@ def fast_merge(
     normalize: bool = True,
     chunk: int = CHUNK,
     threads: int | None = None,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> MutableMapping[str, Tensor]:
     """``method``'s merge written to ``out`` parameter by parameter, equal bit for bit to the library function of the
@@ -153,7 +154,9 @@ def fast_merge(
     ``lam``, ``scope``, ``weights``, ``normalize``) on the same inputs (DARE'd models included). ``base`` gives the
     layout for the averages.
     ``threads`` (default: torch's thread count) workers each merge every ``threads``-th chunk of a parameter, with
-    torch single-threaded inside them (restored after), while another thread writes the previous parameter."""
+    torch single-threaded inside them (restored after), while another thread writes the previous parameter.
+    ``device`` (e.g. "cuda") runs the chunks' arithmetic there, one worker, larger chunks; inputs and output stay
+    on the host."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not models:
@@ -187,11 +190,16 @@ def fast_merge(
     names = list(ref.keys())
     settings = {"a": a, "w": w, "total": total, "k": k, "lam": lam, "global_thr": global_thr, "uses_base": uses_base,
                 "ties_weights": weights if method == "ties" else None, "normalize": normalize}
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    settings["device"] = device
+    if device.type != "cpu":  # one stream of chunks, each big enough to amortise a host-device copy
+        threads, chunk = 1, max(chunk, CHUNK * 16)
     threads = max(1, threads or torch.get_num_threads())
     buffers: list[dict] = [{} for _ in range(threads)]  # per worker, per compute dtype: allocated once
     writer = _Writer(out)
     torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers are the parallelism: a chunk's operations run in the worker's thread
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the workers are the parallelism: a chunk's operations run in the worker's thread
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
         for i, name in enumerate(tqdm(names, desc=f"{method} (fast path)", disable=not progress or len(names) < 20,
@@ -237,17 +245,19 @@ def _merge_one(name: str, b: Tensor, ts: list[Tensor], method: str, buffers: lis
     workers = 1 if pool is None else min(len(buffers), len(starts))
 
     def work(worker: int) -> None:
+        dev = p["device"]
         if cd not in buffers[worker]:
-            buffers[worker][cd] = (torch.empty(chunk, dtype=cd), torch.empty(chunk, dtype=cd),
-                                   torch.empty((n, chunk), dtype=cd) if method == "ties" else torch.empty(0, dtype=cd))
+            buffers[worker][cd] = (torch.empty(chunk, dtype=cd, device=dev), torch.empty(chunk, dtype=cd, device=dev),
+                                   torch.empty((n, chunk) if method == "ties" else 0, dtype=cd, device=dev))
         acc_buf, tmp_buf, stack_buf = buffers[worker][cd]
+        direct = merged.dtype == cd and dev.type == "cpu"  # the result goes straight into the output tensor
         for s in starts[worker::workers]:
             e = min(s + chunk, flat0.numel())
             m = e - s
-            b_c = flat0[s:e].to(cd)
-            t_c = [f[s:e].to(cd) for f in flats]
+            b_c = flat0[s:e].to(dev, cd)
+            t_c = [f[s:e].to(dev, cd) for f in flats]
             acc, tmp = acc_buf[:m], tmp_buf[:m]
-            dst = merged[s:e] if merged.dtype == cd else tmp
+            dst = merged[s:e] if direct else tmp
             if method == "task_arithmetic":  # theta0 + sum_t a_t (theta_t - theta0), summed left to right
                 a = p["a"]
                 torch.sub(t_c[0], b_c, out=acc).mul_(a[0])
@@ -267,8 +277,8 @@ def _merge_one(name: str, b: Tensor, ts: list[Tensor], method: str, buffers: lis
                 for wt, x in zip(w[1:], t_c[1:]):
                     acc.add_(torch.mul(x, wt, out=tmp))
                 torch.div(acc, p["total"], out=dst)
-            if merged.dtype != cd:
-                merged[s:e] = dst  # cast back to the inputs' dtype
+            if not direct:
+                merged[s:e] = dst  # back to the host, in the inputs' dtype
             if not all_finite(merged[s:e]):  # a non-finite input makes the sums non-finite: name it, else the merge
                 _name_bad_input(name, [flat0, *flats] if p["uses_base"] else flats, labels)
                 raise MergeInputError(name, "merged tensor is not finite (check curvature and damping)")

@@ -133,7 +133,7 @@ def run_plan(plan: Plan, out_dir: str | os.PathLike, recipe_text: str, device: s
         with ShardedSafetensorsWriter(tmp, plan.output_layout(), plan.shard_size, metadata=meta) as writer:
             target = writer if recipe.dtype is None else CastTo(writer, getattr(torch, recipe.dtype))
             if fast:  # in-place chunks over memory-mapped inputs, written as they are produced
-                fast_merge(recipe.method, base_weights, kwargs["models"], target, **params)
+                fast_merge(recipe.method, base_weights, kwargs["models"], target, device=device, **params)
             else:
                 method.function(**kwargs, **params, out=target)
         if plan.layout.folder is not None:
