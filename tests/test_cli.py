@@ -313,6 +313,10 @@ def test_a_sharded_writer_round_trips_through_its_index(tmp_path):
     assert index["metadata"]["total_size"] == 5 * 256 + 8 and set(index["weight_map"]) == set(state)
     back = ShardedSafetensors(tmp_path / "model.safetensors.index.json")
     assert all(torch.equal(back[k], v) for k, v in state.items())
+    from modelmerge.merge.fast import MappedSafetensors, _sources
+
+    mapped = ShardedSafetensors(tmp_path / "model.safetensors.index.json", reader=MappedSafetensors)
+    assert len(_sources(mapped)) == 3 and all(torch.equal(mapped[k], v) for k, v in state.items())  # pages it releases
     one = tmp_path / "one"
     one.mkdir()
     with ShardedSafetensorsWriter.like(state, one) as w:  # fits the default: one file, no index

@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from modelmerge.files import read_safetensors_header
-from modelmerge.merge.ties import _kth_largest, fractions, ties_merge_tensor, ties_thresholds
+from modelmerge.merge.ties import _kth_largest, ties_merge_tensor, ties_settings, ties_thresholds
 from modelmerge.statedict import MergeInputError, StateDict, all_finite, check_alphas, check_same_keys, compute_dtype
 
 #: the methods of this path and the reference function each reproduces
@@ -83,12 +83,12 @@ class MappedSafetensors(Mapping):
 
 
 def _sources(state: StateDict) -> list:
-    """The mapped files behind a (possibly sharded or DARE-wrapped) input, to release and prefetch pages."""
+    """The mapped files behind an input (a DARE'd model's ``base`` and ``model``, a sharded checkpoint's
+    ``shards``), to release and prefetch their pages."""
     if isinstance(state, MappedSafetensors):
         return [state]
     inner = [getattr(state, a) for a in ("base", "model") if isinstance(getattr(state, a, None), Mapping)]
-    shards = list(getattr(state, "_files", {}).values())
-    return [s for m in inner + shards for s in _sources(m)]
+    return [s for m in [*inner, *getattr(state, "shards", [])] for s in _sources(m)]
 
 
 def _name_bad_input(name: str, tensors: Sequence[Tensor], labels: Sequence[str]) -> None:
@@ -175,13 +175,7 @@ def fast_merge(
     elif method == "task_arithmetic":
         a = check_alphas(alphas, n)
     else:
-        k = fractions(k, n)
-        if weights is not None:
-            weights = check_alphas(weights, n, name="weights")
-            if min(weights) <= 0:
-                raise MergeInputError(None, f"TIES weights must be positive, got {weights}")
-        if scope not in ("model", "tensor"):
-            raise MergeInputError(None, f"scope must be 'model' or 'tensor', got {scope!r}")
+        k, weights = ties_settings(k, weights, scope, n)
     uses_base = method in ("task_arithmetic", "ties")
     if uses_base and base is None:
         raise MergeInputError(None, f"{method} needs the base model")

@@ -104,6 +104,19 @@ def fractions(k: float | Sequence[float], n: int, name: str = "k") -> list[float
     return ks
 
 
+def ties_settings(k: float | Sequence[float], weights: Sequence[float] | None, scope: str,
+                  n: int) -> tuple[list[float], list[float] | None]:
+    """TIES' settings checked: a fraction in (0, 1] per task, positive weights (or none), a known scope."""
+    ks = fractions(k, n)
+    if weights is not None:
+        weights = check_alphas(weights, n, name="weights")
+        if min(weights) <= 0:
+            raise MergeInputError(None, f"TIES weights must be positive, got {weights}")
+    if scope not in ("model", "tensor"):
+        raise MergeInputError(None, f"scope must be 'model' or 'tensor', got {scope!r}")
+    return ks, weights
+
+
 def ties(
     base: StateDict,
     models: Sequence[StateDict],
@@ -122,13 +135,7 @@ def ties(
     (``"tensor"``, as mergekit). ``weights`` (positive, one per task) scale each task's mass in the election and
     make the disjoint mean a weighted mean (mergekit's ``weight`` with ``normalize: true``).
     """
-    ks = fractions(k, len(models))
-    if weights is not None:
-        weights = check_alphas(weights, len(models), name="weights")
-        if min(weights) <= 0:
-            raise MergeInputError(None, f"TIES weights must be positive, got {weights}")
-    if scope not in ("model", "tensor"):
-        raise MergeInputError(None, f"scope must be 'model' or 'tensor', got {scope!r}")
+    ks, weights = ties_settings(k, weights, scope, len(models))
     check_same_keys(base, models)
     global_thr = ties_thresholds(base, models, ks) if scope == "model" else None
 

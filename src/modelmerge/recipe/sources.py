@@ -38,6 +38,7 @@ class ShardedSafetensors(Mapping):
                 raise RecipeError(f"{index} puts {name!r} in {f!r}, which does not hold it (a mismatched shard)")
         self._where = {k: self._files[f] for k, f in weight_map.items()}
         self.index = index
+        self.shards = list(self._files.values())  # the shard readers, in file order
 
     def __getitem__(self, name: str) -> Tensor:
         return self._where[name][name]
