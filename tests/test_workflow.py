@@ -356,6 +356,30 @@ def test_smoke_dag_reproduces_the_theory_and_writes_every_figure(smoke):
     assert {"MaTS (TA init., RegMean objective)", "Gradient matching, K-FAC by CG (001 + 002)"} <= table1
     assert len(pd.read_csv(mats / "table4_fisher.csv")) == 4 and len(pd.read_csv(mats / "table4_fisher_full.csv")) == 6
     assert len(pd.read_csv(mats / "second_round.csv")) == 3
+    # the paired intervals: each point difference is the difference of the two merges' Avg. in the tables (so the
+    # correctness vectors behind the bootstrap are the scored merges'), and each verdict reads its interval
+    from modelmerge.evaluate import claim_verdict
+
+    def interval(text: str) -> tuple[float, float]:
+        low, high = (float(x) for x in text.strip("[]").split(","))
+        return low, high
+
+    claims = pd.read_csv(mats / "claims_full.csv").set_index("claim")
+    assert all(claim_verdict(*interval(r["95% interval"])) == r["verdict"] for _, r in claims.iterrows())
+    rounds = pd.read_csv(mats / "second_round.csv")["Avg."]
+    assert claims.filter(like="a second round", axis=0)["difference (points)"].item() == pytest.approx(
+        rounds[1] - rounds[0], abs=1e-6)
+    grid = pd.read_csv(mats / "fig2_init_objective.csv").set_index(["initialisation", "objective"])
+    assert claims.filter(like="MaTS's recipe", axis=0)["difference (points)"].item() == pytest.approx(
+        grid.loc[("task arithmetic", "RegMean"), "gain"], abs=1e-6)
+    assert all(claim_verdict(*interval(i)) == v for i, v in zip(grid["gain 95% interval"], grid["gain verdict"]))
+    curve = pd.read_csv(mats / "fig3_cg_iterations.csv")
+    reference = max(smoke_mats["iterations"])
+    for objective, solve in curve[curve["solver"] == "plain CG"].groupby("objective"):
+        at = solve.set_index("iterations")
+        assert at[f"vs plain CG at {reference} (points)"].to_numpy() == pytest.approx(
+            (at["Avg."] - at.loc[reference, "Avg."]).to_numpy(), abs=1e-6)
+        assert at.loc[reference, "95% interval"] == "[+0.00, +0.00]"
 
     # DPP: every DPP size up to the kernel's rank, Table 1's two rows per method with unseen tasks scored, the
     # random subsets of the chosen size, exact sample frequencies, Table 2 on every perturbation

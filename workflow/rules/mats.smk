@@ -22,7 +22,8 @@ def mats_full_outputs() -> list[str]:
     return [
         *figure_files("mats", "fig2_init_objective"), *table_files("mats", "fig2_init_objective"),
         *figure_files("mats", "fig3_cg_iterations_full"), *table_files("mats", "fig3_cg_iterations_full"),
-        *[f for t in ("fig3_preconditioned_full", "table4_fisher_full", "second_round") for f in table_files("mats", t)],
+        *[f for t in ("fig3_preconditioned_full", "table4_fisher_full", "second_round", "claims_full")
+          for f in table_files("mats", t)],
     ]
 
 
@@ -161,12 +162,13 @@ rule mats:
 
 
 rule mats_extra:
-    """mats_full: Fig. 2's grid, Table 4's block-diagonal rows for every Fisher, and 002 Sec. 6.7's second round."""
+    """mats_full: Fig. 2's grid, Table 4's block-diagonal rows for every Fisher, 002 Sec. 6.7's second round, the claims."""
     input:
         notebook="notebooks/mats_full.ipynb",
         **MATS_SUITE_INPUTS,
         inits=rules.mats_inits.output.inits,
         baselines=rules.mats_inits.output.baselines,
+        test_logits=rules.mats_inits.output.test_logits,
         curve=rules.mats_iterations.output.curve,
         table4=table_files("mats", "table4_fisher"),
         state=f"{MATS_DIR}/from_task_arithmetic_regmean.safetensors",
@@ -174,7 +176,7 @@ rule mats_extra:
         library=LIBRARY,
     output:
         figure_files("mats", "fig2_init_objective"),
-        [f for t in ("fig2_init_objective", "table4_fisher_full", "second_round") for f in table_files("mats", t)],
+        [f for t in ("fig2_init_objective", "table4_fisher_full", "second_round", "claims_full") for f in table_files("mats", t)],
     log:
         notebook=f"{RESULTS}/logs/mats/full.ipynb",
     benchmark:
