@@ -66,7 +66,8 @@ class ConjugateGradient:
     once its residual reaches the rounding floor of its dtype (``converged[name]`` records the iteration), where
     more iterations could only fit noise. ``preconditioner="kronecker"`` runs PCG with the curvature's
     approximate inverse (``Curvature.preconditioner``: exact for closed forms, Kronecker-factored for sums of
-    K-FACs) when the solve is given the curvature (``solve``), not just its product.
+    K-FACs, a pseudo-inverse where the factors do not resolve the curvature, whose directions then keep x0's values)
+    when the solve is given the curvature (``solve``), not just its product.
     ``history[name]`` keeps the relative residuals ||b - H x_k|| / ||b|| for k = 0, 1, ... of every solve (the
     recurrence's residual) and ``rhs_norm[name]`` its ||b||. ``keep`` lists iteration counts k whose iterate x_k
     is stored in ``iterates[name][k]``, so one solve of ``max_iter`` iterations yields every shorter budget too (a
