@@ -61,7 +61,6 @@ def save_table(df: pd.DataFrame, stem: str | os.PathLike, floatfmt: str = ".3g",
     stem = Path(stem)
     csv, md = stem.with_suffix(".csv"), stem.with_suffix(".md")
     atomic_write_text(csv, df.to_csv(index=False, float_format="%.17g", lineterminator="\n"))
-    # object dtype keeps integer columns integers (a numeric frame's .values would upcast them to float)
     # escape pipes in text cells; object dtype keeps integer columns integers (.values would upcast them)
     cells = df.map(lambda v: v.replace("|", "\\|") if isinstance(v, str) else v).astype(object)
     text = cells.to_markdown(index=False, floatfmt=floatfmt) + "\n"
