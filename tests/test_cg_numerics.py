@@ -227,9 +227,9 @@ def test_preconditioned_cg_does_not_move_where_float32_cannot_resolve_the_curvat
     """Every model's A shares a null space whose float32 eigenvalues are rounding-level (+-1e-7 of the largest, both
     signs: the sum is indefinite there, as the suite's empirical K-FAC factors are). The merge objective is then flat
     or unbounded below along those directions; a preconditioner that inverts them (floored at 1e-8 of the largest)
-    sends PCG ten times farther from the start than plain CG goes, along directions no model informs (on the suite:
-    2.7e4 from task arithmetic after 50 iterations, a negative objective and validation Avg. 77.7 -> 38.1). PCG with the pseudo-inverse stays where plain CG goes and
-    reaches the same objective."""
+    sends PCG over ten times farther from the start than plain CG goes, along directions no model informs (on the
+    suite: 2.7e4 from task arithmetic after 50 iterations, a negative objective and validation Avg. 77.7 -> 38.1).
+    PCG with the pseudo-inverse stays where plain CG goes and reaches the same objective."""
     out, inp, m = 24, 16, 3
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)

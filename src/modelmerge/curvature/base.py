@@ -479,10 +479,10 @@ class SumCurvature(Curvature):
 
 def _kronecker_inverse(a: Tensor, U: Tensor, b: Tensor, V: Tensor, damping: float, in_axis: int) -> Preconditioner:
     """R -> (B (x) A + damping I)^-1 R with A = U diag(a) U^T, B = V diag(b) V^T (``in_axis`` 1: R is out x in,
-    W -> B W A; 0: R is in x out, W -> A W B), inverting only the eigenvalue products of at least PRECONDITIONER_CUTOFF
-    x the largest (a pseudo-inverse: a singular or rounding-level indefinite sum gets no step along its null space). The inverse products are applied in the
-    residual's dtype, so in float32 the curvature's eigenvalue products must stay within about 1e-30 to 1e30 (the
-    tests check factors scaled by 1e-10 and 1e10)."""
+    W -> B W A; 0: R is in x out, W -> A W B), inverting only the eigenvalue products of at least
+    PRECONDITIONER_CUTOFF x the largest (a pseudo-inverse: a singular or rounding-level indefinite sum gets no step
+    along its null space). The inverse products are applied in the residual's dtype, so in float32 the curvature's
+    eigenvalue products must stay within about 1e-30 to 1e30 (the tests check factors scaled by 1e-10 and 1e10)."""
     d = b[:, None] * a[None, :] + damping if in_axis == 1 else a[:, None] * b[None, :] + damping
     top = float(d.max()) if d.numel() else 0.0
     if not top > 0:
